@@ -1,0 +1,121 @@
+"""The model contract every family follows, and the registry of named models.
+
+A model is `Classifier(backbone, head)`: parameters `{'backbone': ..., 'head': ...}`,
+BatchNorm statistics (if any) under `batch_stats/backbone/...`.
+A backbone's `__call__(x, *, train, bn_train)` maps normalised NHWC images to pooled
+features (B, D); `train` switches dropout / stochastic depth, `bn_train` switches
+BatchNorm between batch statistics (and updating `batch_stats`) and running averages.
+The two are independent: fine-tuning usually trains with BatchNorm frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tlflax import preprocessing as pp
+from tlflax import tree
+from tlflax.models.heads import Head
+
+
+class Classifier(nn.Module):
+    backbone: nn.Module
+    head: nn.Module
+
+    def __call__(self, x, *, train: bool = False, bn_train: bool = False):
+        return self.head(self.features(x, train=train, bn_train=bn_train), train=train)
+
+    def features(self, x, *, train: bool = False, bn_train: bool = False):
+        return self.backbone(x, train=train, bn_train=bn_train)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A built model and what the rest of tlflax needs to know about it.
+
+    stage_of / layer_of map a '/'-joined parameter name (starting with 'backbone/'
+    or 'head/') to its depth, for 'last k stages' freezing and layer-wise learning
+    rates: stage 0 / layer 0 is the input end (stem, patch embedding); the head is
+    stage n_stages / layer n_layers, one past the backbone's last.
+    """
+
+    name: str
+    family: str
+    module: Classifier
+    preprocessing: pp.Preprocessing  # the family's usual one; pretrained weights bring their own
+    n_stages: int
+    stage_of: Callable[[str], int]
+    n_layers: int
+    layer_of: Callable[[str], int]
+    feature_dim: int
+    arch: dict[str, Any] = dataclasses.field(default_factory=dict)  # the family's hyperparameters
+
+    def init(self, rng: jax.Array, resolution: int | None = None, batch: int = 1):
+        """Initial variables {'params': ..., ['batch_stats': ...]} (plain dicts)."""
+        size = resolution or self.preprocessing.resolution
+        x = jnp.zeros((batch, size, size, 3), jnp.float32)
+        variables = jax.jit(lambda r: self.module.init(r, x, train=False))(rng)
+        return tree.to_plain(variables)
+
+    def head_is(self, name: str) -> bool:
+        return name.startswith("head/")
+
+
+# name -> builder(num_classes, head_hidden, head_dropout, dtype, **overrides) -> ModelSpec
+_REGISTRY: dict[str, Callable[..., ModelSpec]] = {}
+
+
+def register(name: str):
+    def wrap(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def available() -> list[str]:
+    _import_families()
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    head_hidden: int = 0,
+    head_dropout: float = 0.0,
+    dtype: Any = jnp.float32,
+    **overrides,
+) -> ModelSpec:
+    """Build a registered model with a new `num_classes` head (zero-initialised).
+
+    `overrides` change the family's hyperparameters (depth, width, pooling,
+    drop rates ...); each family rejects names it does not know.
+    """
+    _import_families()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    head = Head(num_classes=num_classes, hidden=head_hidden, dropout=head_dropout, dtype=dtype)
+    return _REGISTRY[name](head=head, dtype=dtype, **overrides)
+
+
+def check_overrides(family: str, overrides: dict, allowed) -> None:
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}"
+        )
+
+
+def _import_families():
+    # Families register themselves on import; imported lazily to keep this module a leaf.
+    from tlflax.models import efficientnet_lite, resnet, vit  # noqa: F401
