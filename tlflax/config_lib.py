@@ -98,10 +98,39 @@ def _optim_config() -> ConfigDict:
 
 def _train_config() -> ConfigDict:
     c = ConfigDict()
-    c.epochs = 10.0
+    c.epochs = 10.0  # run length for single-phase strategies (two_phase: optim's phase lengths)
     c.steps = 0  # > 0 overrides epochs
-    c.bn_mode = "frozen"  # 'frozen': running statistics, never updated; 'train'
-    c.log_every = 50
-    c.eval_every = 0  # 0: at the end of each epoch
-    c.checkpoint_every = 0  # 0: at the end of each epoch
+    c.bn_mode = "frozen"  # 'frozen': running statistics, never updated; 'train': batch stats
+    c.log_every = 50  # steps between training-metric writes (the only host syncs in the loop)
+    c.eval_every = 0  # steps between evaluations; 0: at the end of each epoch
+    c.checkpoint_every = 0  # steps between checkpoints; 0: at the end of each epoch
+    c.keep_last = 2  # checkpoints kept by recency ...
+    c.keep_best = 1  # ... plus these, by validation top-1
+    c.async_checkpoints = True  # save in the background while training goes on
+    c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
+    c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)
+    c.distributed = False  # jax.distributed.initialize() (TPU VMs, multi-GPU hosts)
     return c
+
+
+def from_json(text: str) -> ConfigDict:
+    """A config saved by a run (workdir/config.json), checked against the base keys."""
+    import json
+
+    saved = json.loads(text)
+    config = get_base_config()
+    _update_checked(config, saved, prefix="")
+    return lock(config)
+
+
+def _update_checked(config: ConfigDict, values: dict, *, prefix: str) -> None:
+    for key, value in values.items():
+        if key not in config:
+            raise KeyError(f"saved config has key {prefix}{key!r} that tlflax no longer knows")
+        if isinstance(config[key], ConfigDict) and isinstance(value, dict):
+            if key == "overrides":
+                config[key] = ConfigDict(value)
+            else:
+                _update_checked(config[key], value, prefix=f"{prefix}{key}.")
+        else:
+            config[key] = tuple(value) if isinstance(value, list) else value

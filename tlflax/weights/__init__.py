@@ -30,14 +30,13 @@ __all__ = [
     "merge_variables",
 ]
 
-# Naming schemes whose checkpoints always use the family's own preprocessing.
-_FIXED_PREPROCESSING = {"lite_pth", "big_vision"}
+# Checkpoints that carry no metadata but whose convention is fixed: every Lite
+# checkpoint uses (x - 127) / 128; Google's ViT .npz files use [-1, 1].
+_FAMILY_CONVENTION = {"efficientnet_lite": "lite"}
+_FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
 # transformers checkpoints without preprocessor_config.json: the convention of every
 # official checkpoint of that model_type (microsoft/resnet-*, google/vit-*).
-_HF_MODEL_TYPE = {
-    "resnet": lambda res: pp.imagenet(res, 0.875),
-    "vit": lambda res: pp.minus_one_to_one(res, 1.0, interpolation="bilinear"),
-}
+_HF_MODEL_TYPE = {"resnet": ("imagenet", 0.875), "vit": ("minus_one_to_one", 1.0)}
 
 
 @dataclasses.dataclass
@@ -75,32 +74,45 @@ def load_pretrained(
     CheckpointMismatchError listing missing, unexpected and misshapen names.
     """
     checkpoint = sources.resolve(source, cache_dir=cache_dir)
+    # Decided before reading the arrays: a checkpoint of unknown normalisation is refused.
+    prep = preprocessing or preprocessing_of(checkpoint, spec=spec)
     state = read_state(checkpoint)
     converter = importlib.import_module(f"tlflax.weights.convert_{spec.family}")
     shapes = {name: tuple(np.shape(v)) for name, v in tree.flatten(variables).items()}
     converted = converter.convert(state, spec=spec, shapes=shapes)
     merged, report = merge_variables(converted, variables, reinit=reinit)
-    prep = preprocessing or preprocessing_of(checkpoint, scheme=converted.scheme, spec=spec)
     return Pretrained(merged, prep, report)
 
 
-def preprocessing_of(checkpoint: sources.Checkpoint, *, scheme: str, spec) -> pp.Preprocessing:
+def peek_preprocessing(source: str, *, spec, cache_dir: str | None = None) -> pp.Preprocessing:
+    """The preprocessing of `source` without reading its arrays (the data needs it first)."""
+    return preprocessing_of(sources.resolve(source, cache_dir=cache_dir), spec=spec)
+
+
+def preprocessing_of(checkpoint: sources.Checkpoint, *, spec) -> pp.Preprocessing:
     """The preprocessing a checkpoint was trained with, from its own metadata."""
     src = checkpoint.source
+    resolution = spec.preprocessing.resolution
     if checkpoint.preprocessor:
         return pp.from_hf(checkpoint.preprocessor, source=f"{src} preprocessor_config.json")
     config = checkpoint.config or {}
     if "pretrained_cfg" in config:
         return pp.from_timm(config["pretrained_cfg"], source=f"{src} config.json")
-    if scheme in _FIXED_PREPROCESSING:
-        return dataclasses.replace(spec.preprocessing, source=f"{src} ({scheme} convention)")
+    suffix = checkpoint.files[0].suffix.lower()
+    if spec.family in _FAMILY_CONVENTION or suffix in _FORMAT_CONVENTION:
+        name = _FAMILY_CONVENTION.get(spec.family) or _FORMAT_CONVENTION[suffix]
+        prep = dataclasses.replace(spec.preprocessing, source=f"{src} ({name} convention)")
+        conv = pp.named(name, resolution=resolution, crop_pct=spec.preprocessing.crop_pct)
+        return dataclasses.replace(prep, mean=conv.mean, std=conv.std)
     if config.get("model_type") in _HF_MODEL_TYPE:
-        resolution = int(config.get("image_size") or spec.preprocessing.resolution)
-        prep = _HF_MODEL_TYPE[config["model_type"]](resolution)
+        name, crop_pct = _HF_MODEL_TYPE[config["model_type"]]
+        prep = pp.named(
+            name, resolution=int(config.get("image_size") or resolution), crop_pct=crop_pct
+        )
         return dataclasses.replace(prep, source=f"{src} (transformers {config['model_type']})")
     raise ValueError(
-        f"weights {src!r} ({scheme} naming) carry no preprocessing metadata "
-        "(no preprocessor_config.json or timm config.json beside them); say which "
-        "normalisation they were trained with: weights.preprocessing='imagenet' | "
-        "'minus_one_to_one' | 'lite' (or pass preprocessing= to load_pretrained)"
+        f"weights {src!r} carry no preprocessing metadata (no preprocessor_config.json or "
+        "timm config.json beside them); say which normalisation they were trained with: "
+        "weights.preprocessing='imagenet' | 'minus_one_to_one' | 'lite' "
+        "(or pass preprocessing= to load_pretrained)"
     )

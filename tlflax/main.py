@@ -1,0 +1,58 @@
+"""The tlflax command line: train / eval / predict / inspect.
+
+tlflax train   --config configs/X.py[:ARGS] --workdir DIR [--config.key=value ...]
+tlflax eval    --workdir DIR [--split NAME]
+tlflax predict --workdir DIR IMAGE [IMAGE ...] [--top_k 5]
+tlflax inspect MODEL [--weights SRC] [--config configs/X.py] [--num_classes N]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file (configs/X.py[:ARGS])", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "workdir", None, "run directory (checkpoints, metrics, reports)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "split", None, "eval: which split ('' = the config's eval split)", flag_values=FLAGS
+)
+flags.DEFINE_string("weights", None, "inspect: pretrained weights source", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "num_classes", 1000, "inspect: head size when no config is given", flag_values=FLAGS
+)
+flags.DEFINE_integer("top_k", 5, "predict: classes shown per image", flag_values=FLAGS)
+
+COMMANDS = ("train", "eval", "predict", "inspect")
+
+
+def _usage() -> str:
+    return (__doc__ or "").strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        return 2
+    command = argv.pop(1)
+    try:
+        positional = FLAGS(argv)[1:]
+    except flags.Error as e:
+        print(f"tlflax {command}: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from tlflax import cli  # heavy imports (jax) only after the flags parse
+
+    return getattr(cli, f"cmd_{command}")(FLAGS, _CONFIG.value, positional)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,493 @@
+"""The trainer: `train_and_evaluate(config, workdir)` and the pure step factories."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tlflax import checkpointing, data, evaluate, losses, metrics_io, optim, sharding, state
+from tlflax import preprocessing as pp
+from tlflax import weights as weights_lib
+from tlflax.models import create_model
+
+log = logging.getLogger("tlflax")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def make_train_step(*, model, tx, train_transform, trainable, bn_train: bool):
+    """(state, batch) -> (state, metrics); pure, jit it with the state donated."""
+
+    def step_fn(st: state.TrainState, batch):
+        rngs = state.step_rngs(st, ("augment", "dropout"))
+        images, targets = train_transform(rngs["augment"], batch["image"], batch["label"])
+
+        def loss_of(params):
+            variables = {"params": params}
+            if st.batch_stats:
+                variables["batch_stats"] = st.batch_stats
+            kwargs = dict(train=True, bn_train=bn_train, rngs={"dropout": rngs["dropout"]})
+            if bn_train and st.batch_stats:
+                logits, updated = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+                new_stats = updated["batch_stats"]
+            else:
+                logits, new_stats = model.apply(variables, images, **kwargs), st.batch_stats
+            loss = losses.softmax_xent(logits=logits, targets=targets, mask=batch["mask"])
+            return loss, (logits, new_stats)
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(st.params)
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        params = optax.apply_updates(st.params, updates)
+        correct = losses.correct_topk(logits=logits, labels=batch["label"], k=1)
+        mask = batch["mask"].astype(jnp.float32)
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.sum(correct * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+            "grad_norm": optim.trainable_global_norm(grads, trainable),
+        }
+        new_state = st.replace(
+            step=st.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step_fn
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built once from the config (no arrays)."""
+
+    spec: object
+    prep: pp.Preprocessing
+    datasets: object
+    phases: list
+    mesh: object
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    eval_batch: int
+
+
+def resolve_preprocessing(config, spec) -> pp.Preprocessing:
+    if config.weights.preprocessing:
+        prep = pp.named(config.weights.preprocessing, resolution=spec.preprocessing.resolution)
+    elif config.weights.source:
+        prep = weights_lib.peek_preprocessing(
+            config.weights.source, spec=spec, cache_dir=config.weights.cache_dir or None
+        )
+    else:
+        prep = spec.preprocessing
+    if config.data.image_size:
+        prep = prep.at_resolution(config.data.image_size)
+    return prep
+
+
+def build_model(config, *, num_classes: int):
+    overrides = dict(config.model.overrides)
+    return create_model(
+        config.model.name,
+        num_classes=num_classes,
+        head_hidden=config.model.head_hidden,
+        head_dropout=config.model.head_dropout,
+        dtype=jnp.dtype(config.model.compute_dtype),
+        **overrides,
+    )
+
+
+def setup(config, workdir: pathlib.Path) -> Run:
+    spec_probe = build_model(config, num_classes=max(1, config.model.num_classes))
+    prep = resolve_preprocessing(config, spec_probe)
+    datasets = data.build_datasets(
+        config.data,
+        image_size=prep.resolution,
+        resize=prep.resize,
+        seed=config.seed,
+        workdir=str(workdir),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    num_classes = check_num_classes(config, datasets)
+    global_batch = config.data.batch_size
+    steps_per_epoch = datasets.train.batches_per_epoch(global_batch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"config.data.batch_size={global_batch} is larger than the training set "
+            f"({datasets.train.n_examples} images); lower it"
+        )
+    return plan(
+        config,
+        num_classes=num_classes,
+        steps_per_epoch=steps_per_epoch,
+        prep=prep,
+        datasets=datasets,
+    )
+
+
+def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None) -> Run:
+    """Model, phases and mesh: everything but the data (eval / predict rebuild it from run.json)."""
+    spec = build_model(config, num_classes=num_classes)
+    mesh = sharding.make_mesh(data=config.train.mesh_data, model=config.train.mesh_model)
+    total = optim.total_steps(
+        config.optim, steps_per_epoch=steps_per_epoch, train_config=config.train
+    )
+    params_shape = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))
+    phases = optim.make_phases(
+        config.optim,
+        params=params_shape["params"],
+        spec=spec,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+    )
+    global_batch = config.data.batch_size
+    eval_batch = config.data.eval_batch_size or global_batch
+    return Run(spec, prep, datasets, phases, mesh, steps_per_epoch, total, global_batch, eval_batch)
+
+
+def check_num_classes(config, datasets) -> int:
+    found = datasets.num_classes
+    if config.model.num_classes and config.model.num_classes != found:
+        raise ValueError(
+            f"config.model.num_classes={config.model.num_classes} but the data has {found} "
+            f"classes ({', '.join(datasets.class_names[:10])}{'...' if found > 10 else ''}); "
+            "set it to 0 to take the count from the data"
+        )
+    return found
+
+
+def config_hash(config) -> str:
+    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def initial_variables(config, run: Run) -> dict:
+    """Fresh init, then the pretrained weights (only ever at step 0)."""
+    variables = run.spec.init(jax.random.key(config.seed), run.prep.resolution)
+    if not config.weights.source:
+        return variables
+    loaded = weights_lib.load_pretrained(
+        run.spec,
+        config.weights.source,
+        variables=variables,
+        reinit=tuple(config.weights.reinit),
+        preprocessing=run.prep,
+        cache_dir=config.weights.cache_dir or None,
+    )
+    log.info("pretrained weights %s: %s", config.weights.source, loaded.report.summary())
+    return loaded.variables
+
+
+def phase_at(phases, step: int) -> int:
+    for i, phase in enumerate(phases):
+        if step < phase.end_step:
+            return i
+    return len(phases) - 1
+
+
+def abstract_state(run: Run, phase):
+    """Shapes, dtypes and shardings of the train state in `phase` (nothing allocated)."""
+    shapes = jax.eval_shape(
+        lambda: state.create(
+            variables=run.spec.init(jax.random.key(0), run.prep.resolution), tx=phase.tx, seed=0
+        )
+    )
+    shardings = sharding.param_shardings(shapes, run.mesh)
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
+    ), shardings
+
+
+def restore(run: Run, ckpt: checkpointing.Checkpointer, step: int) -> state.TrainState:
+    abstract, _ = abstract_state(run, run.phases[phase_at(run.phases, step)])
+    return ckpt.restore(step, abstract_state=abstract)
+
+
+def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
+    """Resume order: a checkpoint in the workdir wins; pretrained weights only at step 0."""
+    latest = ckpt.latest_step()
+    phase = run.phases[phase_at(run.phases, latest or 0)]
+    abstract, shardings = abstract_state(run, phase)
+    if latest is not None:
+        log.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
+        return ckpt.restore(latest, abstract_state=abstract), shardings
+    variables = initial_variables(config, run)
+    st = state.create(variables=variables, tx=phase.tx, seed=config.seed)
+    return jax.device_put(st, shardings), shardings
+
+
+def open_checkpointer(config, workdir: pathlib.Path) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        workdir / "checkpoints",
+        keep_last=config.train.keep_last,
+        keep_best=config.train.keep_best,
+        best_metric="val/top1",
+        best_mode="max",
+        async_save=config.train.async_checkpoints,
+    )
+
+
+def switch_phase(st: state.TrainState, phase, run: Run):
+    """Fresh optimizer state for the new phase: newly unfrozen leaves start from zero moments."""
+    st = st.replace(opt_state=phase.tx.init(st.params))
+    return jax.device_put(st, shardings_for(st, run))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _jit_train_step(config, run: Run, phase, shardings):
+    model = run.spec.module
+    train_transform = data.augment.make_train_transform(
+        config.aug,
+        image_size=run.prep.resolution,
+        num_classes=run.spec.module.head.num_classes,
+        preprocessing=run.prep,
+    )
+    step_fn = make_train_step(
+        model=model,
+        tx=phase.tx,
+        train_transform=train_transform,
+        trainable=phase.trainable,
+        bn_train=config.train.bn_mode == "train",
+    )
+    batch_sh = sharding.batch_sharding(run.mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, sharding.replicated(run.mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_fn(run: Run):
+    eval_transform = data.augment.make_eval_transform(
+        image_size=run.prep.resolution, preprocessing=run.prep
+    )
+    model = run.spec.module
+
+    def model_apply(variables, images):
+        return model.apply(variables, images, train=False, bn_train=False)
+
+    return jax.jit(evaluate.make_eval_step(model_apply=model_apply, eval_transform=eval_transform))
+
+
+def run_eval(eval_fn, st, run: Run, *, split=None):
+    """Every example of the split exactly once (the last batch padded and masked)."""
+    from jax.experimental import multihost_utils
+
+    split = split or run.datasets.eval
+    variables = state.variables_of(st)
+    batch_sh = sharding.batch_sharding(run.mesh)
+    outputs = []
+    for batch in split.iterate(
+        global_batch=run.eval_batch, epoch=0, shuffle=False, drop_remainder=False
+    ):
+        out = eval_fn(variables, sharding.host_to_global(batch, batch_sh))
+        outputs.append(out)
+    gathered = [multihost_utils.process_allgather(o, tiled=True) for o in outputs]
+    return evaluate.summarise(
+        [jax.tree_util.tree_map(np.asarray, g) for g in gathered],
+        class_names=run.datasets.class_names,
+    )
+
+
+def _flush_train_metrics(pending, *, first_step: int, writer, phase, seconds, n_images):
+    """One host sync per logging interval; a non-finite loss stops the run, naming the step."""
+    host = jax.device_get(pending)
+    losses_seen = np.array([m["loss"] for m in host])
+    bad = np.flatnonzero(~np.isfinite(losses_seen))
+    if bad.size:
+        step = first_step + int(bad[0]) + 1
+        raise NonFiniteLossError(
+            f"training loss is {losses_seen[bad[0]]} at step {step}; stopping. The last "
+            "checkpoint before it stays valid; lower the learning rate or enable "
+            "optim.grad_clip_norm and resume"
+        )
+    last = first_step + len(host)
+    scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+    scalars["train/images_per_sec"] = n_images / max(seconds, 1e-9)
+    for group, lr_fn in phase.lr_fns.items():
+        scalars[f"lr/{group}"] = float(lr_fn(last))
+    writer.write_scalars(last, scalars)
+    return scalars
+
+
+def save_run_record(config, run: Run, workdir: pathlib.Path) -> None:
+    """What eval / predict need later, and what a reader of the workdir wants to know."""
+    if jax.process_index() != 0:
+        return
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    (workdir / "preprocessing.json").write_text(run.prep.to_json())
+    (workdir / "classes.json").write_text(json.dumps(run.datasets.class_names, indent=1))
+    run_info = {"steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps}
+    (workdir / "run.json").write_text(json.dumps(run_info, indent=1))
+    tables = "\n\n".join(
+        f"phase {p.name} (steps {p.start_step}..{p.end_step}):\n{p.table}" for p in run.phases
+    )
+    (workdir / "optimizer_groups.txt").write_text(tables + "\n")
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Train per config, evaluating each epoch; returns the summary (also in summary.json)."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    sharding.maybe_initialize_distributed(enabled=config.train.distributed)
+    run = setup(config, workdir)
+    save_run_record(config, run, workdir)
+    for phase in run.phases:
+        log.info(
+            "phase %s, steps %d..%d\n%s", phase.name, phase.start_step, phase.end_step, phase.table
+        )
+    writer = metrics_io.MetricWriter(workdir, is_primary=jax.process_index() == 0)
+    ckpt = open_checkpointer(config, workdir)
+    st, shardings = init_or_restore(config, run, ckpt)
+    eval_fn = make_eval_fn(run)
+    step = int(jax.device_get(st.step))
+    phase_results = _train_loop(config, run, st, shardings, ckpt, writer, eval_fn, step)
+    st = phase_results.pop("_state")
+    ckpt.wait()
+    final = phase_results.get(run.phases[-1].name) or run_eval(eval_fn, st, run)
+    summary = _finish(
+        config, run, workdir, final, phase_results, ckpt, writer, time.time() - t_start
+    )
+    writer.close()
+    ckpt.close()
+    return summary
+
+
+def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: int) -> dict:
+    total, spe = run.total_steps, run.steps_per_epoch
+    phase_idx = phase_at(run.phases, step)
+    train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
+    eval_every = config.train.eval_every or spe
+    ckpt_every = config.train.checkpoint_every or spe
+    log_every = max(1, config.train.log_every)
+    bar = metrics_io.ProgressBar(total, enabled=None)
+    results: dict = {}
+    pending, t0, first = [], time.time(), step
+    batch_sh = sharding.batch_sharding(run.mesh)
+    while step < total:
+        epoch, offset = divmod(step, spe)
+        batches = run.datasets.train.iterate(
+            global_batch=run.global_batch, epoch=epoch, shuffle=True, drop_remainder=True
+        )
+        # Resumed mid-epoch: the epoch's order depends only on (seed, epoch), so skip ahead.
+        batches = itertools.islice(batches, offset, None)
+        for batch in data.prefetch_to_device(batches, 2, batch_sh):
+            st, metrics = train_step(st, batch)
+            pending.append(metrics)
+            step += 1
+            if step % log_every == 0 or step % spe == 0 or step == total:
+                scalars = _flush_train_metrics(
+                    pending,
+                    first_step=first,
+                    writer=writer,
+                    phase=run.phases[phase_idx],
+                    seconds=time.time() - t0,
+                    n_images=len(pending) * run.global_batch,
+                )
+                bar.update(step, loss=scalars["train/loss"])
+                pending, t0, first = [], time.time(), step
+            phase_end = step == run.phases[phase_idx].end_step
+            val = None
+            if step % eval_every == 0 or step == total or phase_end:
+                val = run_eval(eval_fn, st, run)
+                writer.write_scalars(step, _val_scalars(val, epoch=step / spe))
+            if phase_end:
+                results[run.phases[phase_idx].name] = val
+                if phase_idx + 1 < len(run.phases):
+                    # Switch before saving, so a checkpoint at step N holds the state
+                    # of the phase that step N starts (and resume rebuilds the same tx).
+                    phase_idx += 1
+                    st = switch_phase(st, run.phases[phase_idx], run)
+                    shardings = shardings_for(st, run)
+                    train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
+                    log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
+            if step % ckpt_every == 0 or step == total or phase_end:
+                ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
+            if step >= total:
+                break
+    bar.close()
+    results["_state"] = st
+    return results
+
+
+def _val_scalars(result, **extra) -> dict:
+    return {"val/loss": result.loss, "val/top1": result.top1, "val/top5": result.top5, **extra}
+
+
+def shardings_for(st, run: Run):
+    return sharding.param_shardings(jax.eval_shape(lambda: st), run.mesh)
+
+
+def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> dict:
+    rows = []
+    last_name = run.phases[-1].name
+    phase_results[last_name] = final
+    for name, result in phase_results.items():
+        if result is not None:
+            rows.append(
+                {
+                    "strategy": name,
+                    "accuracy": f"{100 * result.top1:.2f} %",
+                    "errors": f"{result.n_errors}/{result.n}",
+                }
+            )
+    history = metrics_io.read_history(workdir)
+    switches = [p.start_step for p in run.phases[1:]]
+    if jax.process_index() == 0:
+        evaluate.write_reports(
+            final,
+            out_dir=workdir / "reports",
+            history=history,
+            phase_switch_steps=switches,
+            title=config.model.name,
+        )
+    summary = {
+        "final": {
+            "val/loss": final.loss,
+            "val/top1": final.top1,
+            "val/top5": final.top5,
+            "errors": final.n_errors,
+            "n": final.n,
+        },
+        "best": _best_metrics(history),
+        "best_step": ckpt.best_step(),
+        "phases": rows,
+        "steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "wall_time_s": wall,
+        "config_hash": config_hash(config),
+        "model": config.model.name,
+        "weights": config.weights.source,
+        "preprocessing": json.loads(run.prep.to_json()),
+    }
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(evaluate.format_table(rows, ["strategy", "accuracy", "errors"]))
+    return summary
+
+
+def _best_metrics(history) -> dict:
+    evals = [h for h in history if "val/top1" in h]
+    if not evals:
+        return {}
+    best = max(evals, key=lambda h: h["val/top1"])
+    return {k: best[k] for k in ("step", "val/top1", "val/top5", "val/loss") if k in best}
