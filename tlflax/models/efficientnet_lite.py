@@ -1,0 +1,437 @@
+"""EfficientNet-Lite0..4 in flax.linen: efficientnet_lite_pytorch / TF-Lite numerics.
+
+The Lite family is EfficientNet without squeeze-excite, with ReLU6 instead of swish, and
+with the stem (32 channels) and the head conv (1280) left unscaled; the first and last
+stage keep their depth. The width multiplier rounds channels to multiples of 8 (never
+more than 10 % down); the depth multiplier rounds repeats up (efficientnet_lite_builder.py).
+
+Padding: padding='same' (default) is TensorFlow's 'SAME', which pads a stride-2 conv more
+at the bottom/right - what efficientnet_lite_pytorch's Conv2dStaticSamePadding computes
+for the image size it was built for, and what timm's tf_efficientnet_lite* do at any size.
+At other input sizes this model keeps TF's rule (the reference's pads stay those of its
+build size). padding='symmetric' pads ((stride - 1) + (k - 1)) // 2 on every side:
+timm's own efficientnet_lite* (PyTorch-trained; they also use bn_eps=1e-5).
+
+Names: backbone/stem/{conv,bn}; backbone/stage{s}/block{j}/{expand_conv, expand_bn,
+dw_conv, dw_bn, project_conv, project_bn} (s, j from 1; stage 1 of Lite expands by 1 and
+has no expand_*); backbone/head_conv, backbone/head_bn; head/out.
+Depth: stage 0 = stem, 1..7 = the MBConv stages, 8 = head_conv/head_bn, 9 = head; layers
+count the stem, each block in order, head_conv/head_bn, then the head.
+
+Options (`create_model(..., **overrides)`):
+  stages             per stage (repeats, kernel, stride, expand_ratio, out_channels),
+                     before width/depth scaling (default: the Lite0 table)
+  width_coefficient  channel multiplier; depth_coefficient  repeat multiplier
+  depth_divisor      channels round to multiples of this (8)
+  stem_width, head_width  channels of the stem and head convs (32, 1280; not scaled)
+  bn_eps, bn_momentum     BatchNorm epsilon (1e-3) and flax momentum (0.99: PyTorch's 0.01)
+  drop_connect_rate  stochastic depth of residual blocks, rate x block index / n_blocks
+                     (the reference's rule; 0.2 as in its training); train only
+  padding            'same' | 'symmetric' (see above)
+  depthwise          how depthwise convs compute (same parameters, same numbers):
+                     'auto' (default) = 'shift' on CPU, 'conv' elsewhere (DepthwiseConv)
+The reference's dropout before the classifier (0.2, 0.2, 0.3, 0.3, 0.3) is the head's
+dropout in tlflax (`head_dropout`); `spec.arch['classifier_dropout']` records it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tlflax import preprocessing as pp
+from tlflax.models import common
+
+PADDINGS = ("same", "symmetric")
+DEPTHWISE = ("auto", "shift", "conv")
+# efficientnet_lite_builder.py's blocks: (repeats, kernel, stride, expand_ratio, out_channels)
+LITE_STAGES = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+DEFAULTS = {
+    "stages": LITE_STAGES,
+    "width_coefficient": 1.0,
+    "depth_coefficient": 1.0,
+    "depth_divisor": 8,
+    "stem_width": 32,
+    "head_width": 1280,
+    "bn_eps": 1e-3,
+    "bn_momentum": 0.99,
+    "drop_connect_rate": 0.2,
+    "padding": "same",
+    "depthwise": "auto",
+}
+# name -> (width, depth, resolution, dropout before the classifier), as the reference
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
+    # Tests: seven one- or two-block stages, each widening (the converter finds stage
+    # boundaries there), residuals in stages 1, 2 and 5; compiles in a few seconds.
+    "efficientnet_lite_tiny": (1.0, 1.0, 32, 0.0),
+}
+ARCHS = {
+    name: {"width_coefficient": w, "depth_coefficient": d}
+    for name, (w, d, _, _) in VARIANTS.items()
+}
+ARCHS["efficientnet_lite_tiny"].update(
+    stages=((1, 3, 1, 1, 8), (2, 3, 2, 2, 16), (1, 5, 2, 2, 24), (1, 3, 2, 2, 32),
+            (2, 5, 1, 2, 40), (1, 5, 2, 2, 48), (1, 3, 1, 2, 56)),
+    stem_width=8,
+    head_width=64,
+)  # fmt: skip
+
+# TF EfficientNet's conv init: normal, variance 2 / fan_out. A depthwise kernel
+# (k, k, 1, C) has fan_out k*k in TF's count, which is flax's fan_in here.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+_dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+class BlockSpec(NamedTuple):
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    expand_ratio: int
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+def round_filters(channels: int, *, multiplier: float, divisor: int) -> int:
+    """The reference's width rounding (same arithmetic order, for identical results)."""
+    scaled = channels * multiplier
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * scaled:  # never round down by more than 10 %
+        rounded += divisor
+    return int(rounded)
+
+
+def block_layout(arch: dict) -> tuple[tuple[BlockSpec, ...], ...]:
+    """Per stage, its blocks after width/depth scaling; first and last stage keep depth."""
+    stages, layout = arch["stages"], []
+    in_channels = arch["stem_width"]
+    for i, (repeats, kernel, stride, expand, out) in enumerate(stages):
+        if 0 < i < len(stages) - 1:
+            repeats = int(math.ceil(arch["depth_coefficient"] * repeats))
+        out = round_filters(
+            out, multiplier=arch["width_coefficient"], divisor=arch["depth_divisor"]
+        )
+        blocks = [BlockSpec(in_channels, out, kernel, stride, expand)]
+        blocks += [BlockSpec(out, out, kernel, 1, expand)] * (repeats - 1)
+        layout.append(tuple(blocks))
+        in_channels = out
+    return tuple(layout)
+
+
+def _pad(kernel: int, stride: int, padding: str):
+    if padding == "same":
+        return "SAME"  # lax's SAME puts the odd pixel after: TF's rule
+    pad = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding
+    return ((pad, pad), (pad, pad))
+
+
+def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=_pad(kernel, stride, padding),
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=_conv_init,
+        name=name,
+    )
+
+
+class DepthwiseConv(nn.Module):
+    """A kxk conv per channel; its `kernel` (k, k, 1, C) is nn.Conv's with groups = C.
+
+    impl 'shift' sums k*k shifted, strided slices times their weights: on CPU about 10x
+    faster than XLA's grouped convolution (Lite0: 66 s -> 12 s per 1000 images on 2
+    cores). 'conv' is the grouped convolution, for accelerators. 'auto' picks 'shift' when
+    the default backend is the CPU.
+    """
+
+    kernel: int
+    stride: int = 1
+    padding: str = "same"
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        w = self.param("kernel", _dw_init, (self.kernel, self.kernel, 1, channels), jnp.float32)
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        pads = _pad(self.kernel, self.stride, self.padding)
+        if pads == "SAME":
+            pads = [_same_pads(n, self.kernel, self.stride) for n in x.shape[1:3]]
+        impl = self.impl
+        if impl == "auto":
+            impl = "shift" if jax.default_backend() == "cpu" else "conv"
+        if impl == "conv":
+            return jax.lax.conv_general_dilated(
+                x, w, (self.stride,) * 2, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
+            )  # fmt: skip
+        return _depthwise_by_shifts(x, w[:, :, 0, :], stride=self.stride, pads=pads)
+
+
+def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _depthwise_by_shifts(x, w, *, stride: int, pads):
+    (top, bottom), (left, right) = pads
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    k = w.shape[0]
+    out_h = (x.shape[1] - k) // stride + 1
+    out_w = (x.shape[2] - k) // stride + 1
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # k*k terms: sum in float32 at least
+    out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), acc)
+    for i in range(k):
+        for j in range(k):
+            end = (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1)
+            tap = jax.lax.slice(x, (0, i, j, 0), (*end, x.shape[3]), (1, stride, stride, 1))
+            out = out + tap.astype(acc) * w[i, j].astype(acc)
+    return out.astype(x.dtype)
+
+
+class LayerOptions(NamedTuple):
+    """What every conv / BatchNorm of the network shares."""
+
+    bn_eps: float = 1e-3
+    bn_momentum: float = 0.99
+    padding: str = "same"
+    depthwise: str = "auto"
+    dtype: Any = jnp.float32
+
+    def norm(self, *, bn_train: bool, name: str) -> nn.BatchNorm:
+        # Two-pass variance: E[x^2] - E[x]^2 doubled the error of bn_train=True against
+        # float64 (tiny late feature maps, batch statistics of 16 values).
+        return nn.BatchNorm(
+            use_running_average=not bn_train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_eps,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            name=name,
+        )
+
+
+class ConvBN(nn.Module):
+    """The stem: a strided 3x3 conv and its BatchNorm (ReLU6 follows in the backbone)."""
+
+    features: int
+    opts: LayerOptions
+
+    @nn.compact
+    def __call__(self, x, *, bn_train: bool):
+        o = self.opts
+        x = _conv(self.features, 3, stride=2, padding=o.padding, dtype=o.dtype, name="conv")(x)
+        return o.norm(bn_train=bn_train, name="bn")(x)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project; no squeeze-excite."""
+
+    spec: BlockSpec
+    opts: LayerOptions
+    drop_connect: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, bn_train: bool):
+        s, o = self.spec, self.opts
+        width = s.in_channels * s.expand_ratio
+        y = x
+        if s.expand_ratio != 1:
+            y = _conv(width, 1, dtype=o.dtype, name="expand_conv")(y)
+            y = jax.nn.relu6(o.norm(bn_train=bn_train, name="expand_bn")(y))
+        dw = DepthwiseConv(s.kernel, s.stride, o.padding, o.depthwise, o.dtype, name="dw_conv")
+        y = jax.nn.relu6(o.norm(bn_train=bn_train, name="dw_bn")(dw(y)))
+        y = _conv(s.out_channels, 1, dtype=o.dtype, name="project_conv")(y)
+        y = o.norm(bn_train=bn_train, name="project_bn")(y)
+        if not s.residual:
+            return y
+        if train and self.drop_connect > 0:
+            y = _drop_connect(y, rate=self.drop_connect, rng=self.make_rng("dropout"))
+        return x + y
+
+
+def _drop_connect(y, *, rate: float, rng: jax.Array):
+    """Zeroes the residual branch of whole examples; survivors are scaled by 1 / keep."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
+
+
+class Stage(nn.Module):
+    blocks: tuple[BlockSpec, ...]
+    drop_connects: tuple[float, ...]
+    opts: LayerOptions
+
+    @nn.compact
+    def __call__(self, x, *, train: bool, bn_train: bool):
+        for j, (spec, rate) in enumerate(zip(self.blocks, self.drop_connects, strict=True)):
+            block = MBConv(spec, self.opts, rate, name=f"block{j + 1}")
+            x = block(x, train=train, bn_train=bn_train)
+        return x
+
+
+class EfficientNetLite(nn.Module):
+    """Backbone: normalised NHWC images -> globally average-pooled features (B, head_width)."""
+
+    layout: tuple[tuple[BlockSpec, ...], ...]
+    stem_width: int = 32
+    head_width: int = 1280
+    drop_connect_rate: float = 0.0
+    opts: LayerOptions = LayerOptions()
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False, bn_train: bool = False):
+        o = self.opts
+        stem = ConvBN(self.stem_width, o, name="stem")
+        x = jax.nn.relu6(stem(x.astype(o.dtype), bn_train=bn_train))
+        rates = drop_connect_rates(self.drop_connect_rate, self.layout)
+        for i, (blocks, stage_rates) in enumerate(zip(self.layout, rates, strict=True)):
+            x = Stage(blocks, stage_rates, o, name=f"stage{i + 1}")(
+                x, train=train, bn_train=bn_train
+            )
+        x = _conv(self.head_width, 1, dtype=o.dtype, name="head_conv")(x)
+        x = jax.nn.relu6(o.norm(bn_train=bn_train, name="head_bn")(x))
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def drop_connect_rates(rate: float, layout) -> list[tuple[float, ...]]:
+    """rate x (global block index) / (number of blocks): the reference's rule."""
+    n_blocks = sum(len(blocks) for blocks in layout)
+    out, k = [], 0
+    for blocks in layout:
+        out.append(tuple(rate * (k + j) / n_blocks for j in range(len(blocks))))
+        k += len(blocks)
+    return out
+
+
+def _validated(arch: dict) -> dict:
+    try:
+        stages = tuple(tuple(int(v) for v in stage) for stage in arch["stages"])
+    except (TypeError, ValueError):
+        stages = ()
+    if not stages or any(len(s) != 5 or min(s) < 1 or s[2] > 2 or s[1] % 2 == 0 for s in stages):
+        raise ValueError(
+            f"efficientnet_lite: stages={arch['stages']!r}; give per stage (repeats, kernel, "
+            "stride, expand_ratio, out_channels), positive, odd kernel, stride 1 or 2"
+        )
+    ints = {k: arch[k] for k in ("depth_divisor", "stem_width", "head_width")}
+    if any(int(v) != v or v < 1 for v in ints.values()):
+        raise ValueError(f"efficientnet_lite: {ints} must be positive integers")
+    checks = {
+        "width_coefficient": arch["width_coefficient"] > 0,
+        "depth_coefficient": arch["depth_coefficient"] > 0,
+        "bn_eps": arch["bn_eps"] > 0,
+        "bn_momentum": 0 <= arch["bn_momentum"] < 1,
+        "drop_connect_rate": 0 <= arch["drop_connect_rate"] < 1,
+        "padding": arch["padding"] in PADDINGS,
+        "depthwise": arch["depthwise"] in DEPTHWISE,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            raise ValueError(
+                f"efficientnet_lite: {key}={arch[key]!r} is out of range (see the module "
+                f"docstring; padding: {PADDINGS}, depthwise: {DEPTHWISE}, rates in [0, 1), "
+                "others > 0)"
+            )
+    floats = ("width_coefficient", "depth_coefficient", "bn_eps", "bn_momentum")
+    return {
+        **arch,
+        **{k: int(v) for k, v in ints.items()},
+        **{k: float(arch[k]) for k in (*floats, "drop_connect_rate")},
+        "stages": stages,
+    }
+
+
+_BLOCK_PATH = re.compile(r"backbone/stage(\d+)/block(\d+)/.+")
+
+
+def position(name: str, *, repeats: tuple[int, ...]) -> tuple[int, int]:
+    """(stage, layer) of a parameter name: stem (0, 0); block j of stage s (s, blocks before
+    + j); head_conv/head_bn (len + 1, sum + 1); head (len + 2, sum + 2). A leading
+    collection ('params/', 'batch_stats/') is allowed."""
+    path = re.sub(r"^(params|batch_stats)/", "", name)
+    n_stages, n_blocks = len(repeats), sum(repeats)
+    if path.startswith("head/"):
+        return n_stages + 2, n_blocks + 2
+    if path.startswith("backbone/stem/"):
+        return 0, 0
+    if path.startswith(("backbone/head_conv/", "backbone/head_bn/")):
+        return n_stages + 1, n_blocks + 1
+    m = _BLOCK_PATH.fullmatch(path)
+    if m:
+        stage, block = int(m[1]), int(m[2])
+        if 1 <= stage <= n_stages and 1 <= block <= repeats[stage - 1]:
+            return stage, sum(repeats[: stage - 1]) + block
+    raise ValueError(
+        f"efficientnet_lite {repeats=}: no parameter {name!r}; names are 'backbone/stem/...', "
+        "'backbone/stage<s>/block<j>/...' (within repeats), 'backbone/head_conv/...', "
+        "'backbone/head_bn/...' or 'head/...'"
+    )
+
+
+def _stage_of(name: str, *, repeats) -> int:
+    return position(name, repeats=repeats)[0]
+
+
+def _layer_of(name: str, *, repeats) -> int:
+    return position(name, repeats=repeats)[1]
+
+
+def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+    """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
+    common.check_overrides("efficientnet_lite", overrides, DEFAULTS)
+    arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
+    layout = block_layout(arch)
+    repeats = tuple(len(blocks) for blocks in layout)
+    opts = LayerOptions(
+        arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype
+    )
+    backbone = EfficientNetLite(
+        layout=layout,
+        stem_width=arch["stem_width"],
+        head_width=arch["head_width"],
+        drop_connect_rate=arch["drop_connect_rate"],
+        opts=opts,
+    )
+    _, _, resolution, classifier_dropout = VARIANTS[name]
+    return common.ModelSpec(
+        name=name,
+        family="efficientnet_lite",
+        module=common.Classifier(backbone=backbone, head=head),
+        preprocessing=pp.lite(resolution, 0.875, interpolation="bicubic"),
+        n_stages=len(repeats) + 2,
+        stage_of=functools.partial(_stage_of, repeats=repeats),
+        n_layers=sum(repeats) + 2,
+        layer_of=functools.partial(_layer_of, repeats=repeats),
+        feature_dim=arch["head_width"],
+        arch={**arch, "repeats": repeats, "classifier_dropout": classifier_dropout},
+    )
+
+
+for _name in ARCHS:
+    common.register(_name)(functools.partial(build, _name))
