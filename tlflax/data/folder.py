@@ -1,0 +1,154 @@
+"""Image folders: root/<split>/<class>/* or root/<class>/* (+ a seeded stratified validation split).
+
+Every non-hidden file under a class folder (recursively) is tried as an image; the ones
+that do not decode are skipped and listed with their reason (see decode.py). Hidden files
+(.DS_Store, ._* AppleDouble files) and files lying directly in the root are listed as
+ignored. Classes are the train folder's sub-folders in sorted order, so the class indices
+do not depend on the file system's listing order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+
+from tlflax.data import cache, decode
+
+
+class DataError(ValueError):
+    """The data cannot make a usable dataset; the message says which file or folder and why."""
+
+
+@dataclasses.dataclass
+class Listing:
+    directory: pathlib.Path
+    class_names: list[str]  # sub-folders, sorted
+    files: list[str]  # relative to `directory`, grouped by class, sorted
+    labels: np.ndarray  # int32 index into class_names
+    stats: list[tuple[int, int]]  # (size, mtime_ns): part of the cache key
+    ignored: list[dict]  # {'path', 'reason'}
+
+
+@dataclasses.dataclass
+class Part:
+    """Decoded images of one folder with labels in the dataset's class order."""
+
+    images: np.ndarray
+    labels: np.ndarray  # int32 index into class_names
+    class_names: list[str]  # the dataset's classes (the training folder's)
+    report: dict  # what the manifest says about this folder
+
+
+def list_folder(directory: pathlib.Path) -> Listing:
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a folder; check config.data.path")
+    class_names, ignored = [], []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            ignored.append({"path": entry.path, "reason": "hidden"})
+        elif entry.is_dir():
+            class_names.append(entry.name)
+        else:
+            ignored.append({"path": entry.path, "reason": "not in a class folder"})
+    files, labels, stats = [], [], []
+    for index, name in enumerate(class_names):
+        for relative, st in _walk_files(str(directory), name, ignored):
+            files.append(relative)
+            labels.append(index)
+            stats.append((st.st_size, st.st_mtime_ns))
+    return Listing(directory, class_names, files, np.asarray(labels, np.int32), stats, ignored)
+
+
+def _walk_files(root: str, class_name: str, ignored: list):
+    """(path relative to root, stat) of every file under root/class_name, sorted.
+
+    Plain strings and os.walk: pathlib's per-path overhead was most of a warm start.
+    """
+    prefix = len(root) + 1
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, class_name), followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                ignored.append({"path": path, "reason": "hidden"})
+            else:
+                yield path[prefix:], os.stat(path)
+
+
+def decode_listing(
+    listing: Listing, *, resize: int, max_pixels: int, workers: int, cache_dir
+) -> cache.CachedArrays:
+    """The folder's images as uint8 arrays, from the cache when nothing changed."""
+    key = cache.key_of(
+        {
+            "kind": "folder",
+            "directory": str(listing.directory.resolve()),
+            "class_names": listing.class_names,
+            "files": listing.files,
+            "labels": listing.labels.tolist(),
+            "stats": listing.stats,
+            "resize": resize,
+            "max_pixels": max_pixels,
+            "decode": decode.DECODE_VERSION,
+        }
+    )
+    path = cache.entry_path(cache_dir, kind="folder", name=str(listing.directory), key=key)
+    cached = cache.load(path)
+    if cached is not None:
+        return cached
+    full = [listing.directory / f for f in listing.files]
+    images, good, bad = decode.decode_files(
+        full, resize=resize, max_pixels=max_pixels, workers=workers
+    )
+    meta = {
+        "directory": str(listing.directory),
+        "class_names": listing.class_names,
+        "n_files": len(listing.files),
+        "bad": bad,
+        "ignored": listing.ignored,
+    }
+    return cache.save(path, images=images, labels=listing.labels[good], meta=meta)
+
+
+def load_part(
+    directory: pathlib.Path,
+    *,
+    class_names: list[str] | None,
+    split: str,
+    resize: int,
+    max_pixels: int,
+    workers: int,
+    cache_dir,
+) -> Part:
+    """One folder decoded, its labels mapped to `class_names` (None: its own classes)."""
+    listing = list_folder(directory)
+    arrays = decode_listing(
+        listing, resize=resize, max_pixels=max_pixels, workers=workers, cache_dir=cache_dir
+    )
+    own = arrays.meta["class_names"]
+    if class_names is None:
+        class_names = own
+    extra = sorted(set(own) - set(class_names))
+    if extra:
+        raise DataError(
+            f"{directory} has class folders {extra} that the training folder lacks; "
+            "the model could never predict them: add them to the training folder or remove them"
+        )
+    remap = np.asarray([class_names.index(name) for name in own], np.int32)
+    labels = remap[arrays.labels] if len(own) else arrays.labels
+    report = {
+        "folder": str(directory),
+        "n_files": arrays.meta["n_files"],
+        "n_images": int(len(labels)),
+        "n_bad": len(arrays.meta["bad"]),
+        "bad": [{"split": split, **b} for b in arrays.meta["bad"]],
+        "ignored": [{"split": split, **i} for i in arrays.meta["ignored"]],
+        "cache": {"path": str(arrays.path), "status": arrays.status},
+        "files_per_class": dict(
+            zip(own, np.bincount(listing.labels, minlength=len(own)).tolist(), strict=True)
+        ),
+    }
+    return Part(arrays.images, labels.astype(np.int32), list(class_names), report)
