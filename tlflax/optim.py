@@ -1,0 +1,589 @@
+"""Which parameters train, at which learning rate, with which optimizer.
+
+`config.optim.groups` (written by hand, or by a strategy preset from the model's
+stage_of / layer_of) is an ordered list of (regex, rule) pairs over '/'-joined
+parameter names. The first rule whose regex FULLY matches a name owns that leaf; every
+leaf needs an owner and every rule needs a leaf. A rule is None (frozen:
+optax.set_to_zero, exact zero updates, no optimizer state) or a dict with keys from
+RULE_DEFAULTS. Each rule is a group with its own label, its own transform in
+optax.multi_transform and its own learning rate: lr * lr_mult under the phase's
+schedule, or under the rule's schedule override.
+
+A phase's transform, outermost first:
+    accumulate            accum_steps > 1; sums the trainable leaves' gradients only
+      clip_trainable      grad_clip_norm > 0; the global norm of the trainable leaves
+      multi_transform     {group label: optimizer, 'frozen': set_to_zero}
+      track_ema           ema_decay > 0; an EMA of the trainable weights, read by ema_params
+Nothing reads a frozen leaf's gradient, so XLA drops the backward pass that only they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tlflax import schedules, tree
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+STRATEGIES = ("linear_probe", "last_k", "full", "two_phase")
+FINETUNES = ("full", "last_k")  # what phase 2 of two_phase may be
+LR_DECAYS = ("none", "linear", "exponential", "layer_decay")
+FROZEN = "frozen"  # the label of every frozen leaf
+# The keys a group rule dict may have, and their values when it leaves them out. `schedule`
+# is a schedule name or a dict of config.optim schedule keys (schedules.KEYS) to override.
+RULE_DEFAULTS = {"lr_mult": 1.0, "wd_mult": 1.0, "schedule": None, "name": ""}
+RESET_NOTE = "optimizer state is reset at this switch: newly trainable leaves start fresh"
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One optimisation phase, over global steps [start_step, end_step)."""
+
+    name: str
+    start_step: int
+    end_step: int
+    tx: optax.GradientTransformation  # over the whole params tree
+    labels: Any  # params-shaped tree of group labels (FROZEN for frozen leaves)
+    trainable: Any  # params-shaped tree of Python bools
+    lr_fns: dict[str, Callable]  # group label -> fn(global step) -> learning rate
+    table: str  # which rule took which leaves, for the run log and `tlflax inspect`
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    index: int
+    regex: str
+    label: str  # FROZEN for a frozen rule
+    lr_mult: float = 0.0
+    wd_mult: float = 0.0
+    schedule: Mapping | None = None  # overrides of config.optim's schedule keys
+
+    @property
+    def frozen(self) -> bool:
+        return self.label == FROZEN
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def validate(c) -> None:
+    """Every check that needs the config only; make_phases adds those that need the model."""
+    _check_choice("name", c.name, OPTIMIZERS)
+    _check_choice("strategy", c.strategy, ("",) + STRATEGIES)
+    _check_choice("lr_decay", c.lr_decay, LR_DECAYS)
+    _check_choice("finetune", c.finetune, FINETUNES)
+    _check_choice("finetune_optimizer", c.finetune_optimizer, ("",) + OPTIMIZERS)
+    _check_choice("schedule", c.schedule, schedules.SCHEDULES)
+    if c.strategy and c.groups:
+        raise ValueError(
+            f"config.optim.strategy={c.strategy!r} writes the groups, but config.optim.groups "
+            "is set too; set strategy='' to use your groups, or clear groups"
+        )
+    if not c.strategy:
+        parse_rules(c.groups)
+    _check_range("lr", c.lr, lo=0, lo_open=True)
+    _check_range("finetune_lr", c.finetune_lr, lo=0, lo_open=True)
+    _check_range("weight_decay", c.weight_decay, lo=0)
+    _check_range("grad_clip_norm", c.grad_clip_norm, lo=0)
+    _check_range("momentum", c.momentum, lo=0, hi=1)
+    _check_range("rms_momentum", c.rms_momentum, lo=0, hi=1)
+    _check_range("ema_decay", c.ema_decay, lo=0, hi=1)
+    _check_range("lr_floor_mult", c.lr_floor_mult, lo=0, hi=1, lo_open=True, hi_open=False)
+    _check_range("layer_decay", c.layer_decay, lo=0, hi=1, lo_open=True, hi_open=False)
+    _check_range("stage_divisor", c.stage_divisor, lo=1)
+    _check_range("k", c.k, lo=0)
+    if int(c.accum_steps) != c.accum_steps or c.accum_steps < 1:
+        raise ValueError(f"config.optim.accum_steps must be an integer >= 1, got {c.accum_steps}")
+    if c.moment_dtype and not jnp.issubdtype(jnp.dtype(c.moment_dtype), jnp.floating):
+        raise ValueError(f"config.optim.moment_dtype={c.moment_dtype!r} is not a float dtype")
+    for pattern in c.no_decay:
+        _compile(pattern, where="config.optim.no_decay")
+    if c.strategy == "two_phase":
+        _two_phase_lengths(c, steps_per_epoch=1)
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        shown = ", ".join(repr(x) for x in choices)
+        raise ValueError(f"config.optim.{key}={value!r} is unknown; use one of {shown}")
+
+
+def _check_range(key, value, *, lo, hi=math.inf, lo_open=False, hi_open=True) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not (ok and math.isfinite(value)):
+        span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"config.optim.{key}={value!r} must lie in {span}")
+
+
+def _compile(pattern, *, where: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(f"{where}: {pattern!r} is not a regex ({e})") from None
+
+
+def _two_phase_lengths(c, *, steps_per_epoch: int) -> tuple[int, int]:
+    lengths = []
+    for what in ("probe", "finetune"):
+        n = schedules.steps_of(c, what, steps_per_epoch=steps_per_epoch, where="config.optim")
+        if n < 1:
+            raise ValueError(
+                f"config.optim.strategy='two_phase' needs {what}_epochs or {what}_steps > 0 "
+                "(seeds: probe_epochs=16, finetune_epochs=8)"
+            )
+        lengths.append(n)
+    return lengths[0], lengths[1]
+
+
+def total_steps(optim_config, *, steps_per_epoch: int, train_config) -> int:
+    """The run's length: two_phase's phase lengths, else train.steps or train.epochs."""
+    validate(optim_config)
+    if optim_config.strategy == "two_phase":
+        return sum(_two_phase_lengths(optim_config, steps_per_epoch=steps_per_epoch))
+    n = int(train_config.steps) or round(train_config.epochs * steps_per_epoch)
+    if n < 1:
+        raise ValueError(
+            f"config.train: epochs={train_config.epochs}, steps={train_config.steps} make "
+            f"{n} steps at {steps_per_epoch} steps per epoch; train for at least one step"
+        )
+    return n
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def parse_rules(groups, *, where: str = "config.optim.groups") -> list[Rule]:
+    """(regex, rule) pairs -> Rules, each checked (a regex, lr_mult > 0, known keys)."""
+    if not groups:
+        raise ValueError(
+            f"{where} is empty: give (regex, rule) pairs, e.g. (('head/.*', {{}}), "
+            "('.*', None)), or set config.optim.strategy"
+        )
+    rules, labels = [], set()
+    for i, pair in enumerate(groups):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"{where}[{i}] = {pair!r} is not a (regex, rule) pair")
+        _compile(pair[0], where=f"{where}[{i}]")
+        rule = Rule(i, pair[0], FROZEN) if pair[1] is None else _parse_rule(i, *pair, where=where)
+        if not rule.frozen and rule.label in labels:
+            raise ValueError(f"{where}[{i}]: group name {rule.label!r} is used twice")
+        labels.add(rule.label)
+        rules.append(rule)
+    return rules
+
+
+def _parse_rule(i: int, regex: str, rule, *, where: str) -> Rule:
+    where = f"{where}[{i}] ({regex!r})"
+    if not isinstance(rule, Mapping):
+        raise ValueError(f"{where}: the rule must be None (frozen) or a dict, got {rule!r}")
+    unknown = sorted(set(rule) - set(RULE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown rule key(s) {unknown}; known: {list(RULE_DEFAULTS)}")
+    r = {**RULE_DEFAULTS, **rule}
+    if not (isinstance(r["lr_mult"], (int, float)) and 0 < r["lr_mult"] < math.inf):
+        raise ValueError(
+            f"{where}: lr_mult={r['lr_mult']!r} must be > 0; to freeze these leaves "
+            "make the rule None"
+        )
+    if not (isinstance(r["wd_mult"], (int, float)) and 0 <= r["wd_mult"] < math.inf):
+        raise ValueError(f"{where}: wd_mult={r['wd_mult']!r} must be >= 0")
+    sched = r["schedule"]
+    if isinstance(sched, str):
+        sched = {"schedule": sched}
+    if sched is not None:
+        if not isinstance(sched, Mapping) or set(sched) - set(schedules.KEYS):
+            raise ValueError(
+                f"{where}: schedule={sched!r} must be a schedule name or a dict with keys "
+                f"from {schedules.KEYS}"
+            )
+        kind = sched.get("schedule", schedules.SCHEDULES[0])
+        _check_choice("schedule", kind, schedules.SCHEDULES)
+    label = r["name"] or f"rule{i}"
+    if label == FROZEN:
+        raise ValueError(f"{where}: the name {FROZEN!r} is reserved for frozen rules (None)")
+    return Rule(i, regex, label, float(r["lr_mult"]), float(r["wd_mult"]), sched)
+
+
+def assign(rules: list[Rule], names: list[str], *, where: str) -> dict[str, Rule]:
+    """name -> the first rule whose regex fully matches it; every name and rule used."""
+    patterns = [re.compile(r.regex) for r in rules]
+    owner, unmatched = {}, []
+    for name in names:
+        found = next((r for r, p in zip(rules, patterns, strict=True) if p.fullmatch(name)), None)
+        if found is None:
+            unmatched.append(name)
+        else:
+            owner[name] = found
+    if unmatched:
+        more = f" (and {len(unmatched) - 1} more, e.g. {unmatched[1:4]})" if unmatched[1:] else ""
+        raise ValueError(
+            f"{where}: no rule matches {unmatched[0]}{more}; add a rule for it or a final "
+            "('.*', ...) rule (None to freeze the rest)"
+        )
+    used = {r.index for r in owner.values()}
+    for rule, pattern in zip(rules, patterns, strict=True):
+        if rule.index not in used:
+            hits = [n for n in names if pattern.fullmatch(n)]
+            why = "matches no parameter" if not hits else "only matches leaves earlier rules own"
+            example = f", e.g. {hits[0]}" if hits else f"; names look like {names[0]}"
+            raise ValueError(
+                f"{where}[{rule.index}]: regex {rule.regex!r} {why}{example}; fix or remove it"
+            )
+    return owner
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def strategy_groups(strategy: str, c, *, spec, names: list[str], lr_decay: str) -> tuple:
+    """The (regex, rule) pairs of a preset, for this model's parameter names."""
+    if strategy == "last_k" and c.k > spec.n_stages:
+        raise ValueError(
+            f"config.optim.k={c.k} but {spec.name} has {spec.n_stages} stages below the head "
+            f"(0 = stem ... {spec.n_stages - 1}); use k <= {spec.n_stages}"
+        )
+    first = {"linear_probe": spec.n_stages, "last_k": spec.n_stages - c.k, "full": 0}[strategy]
+    decay = "none" if strategy == "linear_probe" else lr_decay
+    by_group: dict[tuple, list[str]] = {}
+    frozen = []
+    for name in names:
+        if spec.stage_of(name) < first:
+            frozen.append(name)
+        else:
+            by_group.setdefault(_group_of(name, c, spec=spec, decay=decay), []).append(name)
+    plain = {"linear_probe": "head", "last_k": "trainable", "full": "all"}[strategy]
+    groups = []
+    for (_, label, mult), members in sorted(by_group.items()):
+        rule = {"name": label or plain, "lr_mult": mult}
+        groups.append((cover_regex(set(members), names), rule))
+    if frozen:
+        groups.append((".*", None))
+    return tuple(groups)
+
+
+def _group_of(name: str, c, *, spec, decay: str) -> tuple[int, str, float]:
+    """(depth, label, lr_mult) of a trainable leaf under a discriminative-lr rule."""
+    if decay == "none":
+        return 0, "", 1.0
+    if decay == "exponential":
+        stage = spec.stage_of(name)
+        label = "head" if stage == spec.n_stages else f"stage{stage}"
+        return stage, label, float(c.stage_divisor ** -(spec.n_stages - stage))
+    layer, top = spec.layer_of(name), spec.n_layers
+    label = "head" if layer == top else f"layer{layer:02d}"
+    if decay == "linear":  # lr_floor_mult at layer 0 up to 1 at the head
+        return layer, label, float(c.lr_floor_mult + (1 - c.lr_floor_mult) * layer / top)
+    return layer, label, float(c.layer_decay ** (top - layer))
+
+
+def cover_regex(group: set[str], names: list[str], prefix: tuple = ()) -> str:
+    """A regex that fully matches exactly `group` among `names`, by whole subtrees."""
+    depth = len(prefix)
+    under = [n for n in names if tuple(n.split("/")[:depth]) == prefix]
+    hits = [n for n in under if n in group]
+    if not hits:
+        return ""
+    if len(hits) == len(under):
+        if under == ["/".join(prefix)]:
+            return re.escape(under[0])
+        return re.escape("/".join(prefix)) + "/.*" if prefix else ".*"
+    children = dict.fromkeys(n.split("/")[depth] for n in under if len(n.split("/")) > depth)
+    parts = [cover_regex(group, under, prefix + (child,)) for child in children]
+    return "|".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    name: str
+    start: int
+    end: int
+    groups: tuple
+    optimizer: str
+    lr: float
+
+
+def make_phases(
+    optim_config, *, params, spec, steps_per_epoch: int, total_steps: int
+) -> list[Phase]:
+    """The run's phases (two for two_phase, else one); `params` may be ShapeDtypeStructs.
+
+    At a switch the trainer builds the next phase's state with `tx.init(params)`.
+    """
+    validate(optim_config)
+    names = tree.names(params)
+    plans = _plans(optim_config, spec=spec, names=names, spe=steps_per_epoch, total=total_steps)
+    return [
+        _build_phase(optim_config, plan, params=params, spe=steps_per_epoch, first=i == 0)
+        for i, plan in enumerate(plans)
+    ]
+
+
+def _plans(c, *, spec, names, spe: int, total: int) -> list[_Plan]:
+    if not c.strategy:
+        return [_Plan("custom", 0, total, tuple(c.groups), c.name, c.lr)]
+    if c.strategy != "two_phase":
+        groups = strategy_groups(c.strategy, c, spec=spec, names=names, lr_decay=c.lr_decay)
+        return [_Plan(c.strategy, 0, total, groups, c.name, c.lr)]
+    probe, finetune = _two_phase_lengths(c, steps_per_epoch=spe)
+    if total != probe + finetune:
+        raise ValueError(
+            f"two_phase: total_steps={total} but the phases take {probe} + {finetune} steps; "
+            "get the total from optim.total_steps"
+        )
+    probe_groups = strategy_groups("linear_probe", c, spec=spec, names=names, lr_decay="none")
+    ft_groups = strategy_groups(c.finetune, c, spec=spec, names=names, lr_decay=c.lr_decay)
+    return [
+        _Plan("linear_probe", 0, probe, probe_groups, c.name, c.lr),
+        _Plan("finetune", probe, total, ft_groups, c.finetune_optimizer or c.name, c.finetune_lr),
+    ]
+
+
+def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
+    where = f"phase {plan.name}: groups" if c.strategy else "config.optim.groups"
+    if plan.end <= plan.start:
+        raise ValueError(f"phase {plan.name}: steps {plan.start}..{plan.end} is empty")
+    rules = parse_rules(plan.groups, where=where)
+    names = tree.names(params)
+    owner = assign(rules, names, where=where)
+    labels = tree.unflatten({n: owner[n].label for n in names})
+    trainable = tree.unflatten({n: not owner[n].frozen for n in names})
+    if all(r.frozen for r in owner.values()):
+        raise ValueError(f"{where}: every parameter is frozen; nothing would train")
+    used = [r for r in rules if any(o is r for o in owner.values())]
+    txs, lr_fns, scheds = {}, {}, {}
+    for rule in used:
+        if rule.frozen:
+            txs[FROZEN] = optax.set_to_zero()
+            continue
+        values = {**{k: c[k] for k in schedules.KEYS}, **(rule.schedule or {})}
+        sched = schedules.resolve(
+            values,
+            steps_per_epoch=spe,
+            length=plan.end - plan.start,
+            where=f"{where}[{rule.index}] schedule",
+        )
+        lr_fn = schedules.make_lr_fn(sched, peak_lr=plan.lr * rule.lr_mult, start_step=plan.start)
+        lr_fns[rule.label], scheds[rule.label] = lr_fn, sched
+        at_update = _lr_at_update(lr_fn, start=plan.start, every=c.accum_steps)
+        txs[rule.label] = optimizer(plan.optimizer, c, lr_fn=at_update, wd_mult=rule.wd_mult)
+    tx = _wrap(c, optax.multi_transform(txs, labels), trainable=trainable)
+    table = groups_table(c, rules, owner, params, plan=plan, scheds=scheds, reset=not first)
+    return Phase(plan.name, plan.start, plan.end, tx, labels, trainable, lr_fns, table)
+
+
+def _lr_at_update(lr_fn, *, start: int, every: int):
+    # The optimizer counts its updates from 0 at its phase's start (fresh state at a switch),
+    # one per `every` batches; the schedule is a function of the trainer's global step.
+    return lambda count: lr_fn(start + count * every)
+
+
+def _wrap(c, inner, *, trainable) -> optax.GradientTransformation:
+    parts = [inner]
+    if c.grad_clip_norm:
+        parts.insert(0, clip_trainable(c.grad_clip_norm, trainable=trainable))
+    if c.ema_decay:
+        parts.append(track_ema(c.ema_decay, trainable=trainable))
+    tx = optax.chain(*parts)
+    if c.accum_steps > 1:
+        tx = accumulate(tx, every=int(c.accum_steps), trainable=trainable)
+    return tx
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def optimizer(name: str, c, *, lr_fn: Callable, wd_mult: float = 1.0):
+    """One group's optimizer; lr_fn maps the group's update count to its learning rate.
+
+    Weight decay (c.weight_decay * wd_mult) is decoupled for adamw (p -= lr * wd * p) and an
+    L2 term added to the gradient for the others (PyTorch's `weight_decay`); decay_mask picks
+    the leaves it applies to.
+    """
+    _check_choice("name", name, OPTIMIZERS)
+    mu_dtype = jnp.dtype(c.moment_dtype) if c.moment_dtype else None
+    wd = c.weight_decay * wd_mult
+    decay = [optax.add_decayed_weights(wd, mask=decay_mask(c))] if wd else []
+    step = optax.scale_by_learning_rate(lr_fn)
+    if name == "sgd":
+        momentum = c.momentum and optax.trace(c.momentum, c.nesterov, accumulator_dtype=mu_dtype)
+        return optax.chain(*decay, *([momentum] if momentum else []), step)
+    if name == "rmsprop":  # Keras: eps outside the square root, momentum after the scaling
+        rms = optax.scale_by_rms(decay=c.rms_decay, eps=c.eps, eps_in_sqrt=False)
+        momentum = c.rms_momentum and optax.trace(
+            c.rms_momentum, c.nesterov, accumulator_dtype=mu_dtype
+        )
+        return optax.chain(*decay, rms, *([momentum] if momentum else []), step)
+    adam = optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps, mu_dtype=mu_dtype)
+    if name == "adam":
+        return optax.chain(*decay, adam, step)
+    return optax.chain(adam, *decay, step)
+
+
+def decay_mask(c) -> Callable:
+    """params -> bool tree: decay leaves of 2+ dims (all, with decay_1d) not in no_decay."""
+    patterns = [re.compile(p) for p in c.no_decay]
+    decay_1d = bool(c.decay_1d)
+
+    def decide(path, leaf) -> bool:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if any(p.fullmatch(name) for p in patterns):
+            return False
+        return decay_1d or np.ndim(leaf) > 1
+
+    return lambda params: jax.tree_util.tree_map_with_path(decide, params)
+
+
+def trainable_global_norm(grads, trainable) -> jax.Array:
+    """Global L2 norm over the trainable leaves only (float32), so frozen ones stay dead code."""
+    leaves, structure = jax.tree_util.tree_flatten(grads)
+    flags = structure.flatten_up_to(trainable)
+    pairs = zip(leaves, flags, strict=True)
+    squares = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g, t in pairs if t]
+    return jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
+
+
+def clip_trainable(max_norm: float, *, trainable) -> optax.GradientTransformation:
+    """clip_by_global_norm with the norm over the trainable leaves; frozen ones pass as given."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = trainable_global_norm(updates, trainable)
+        scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        clipped = jax.tree_util.tree_map(
+            lambda g, t: (g * scale).astype(g.dtype) if t else g, updates, trainable
+        )
+        return clipped, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _picker(trainable) -> Callable:
+    """tree -> the nested dict of its trainable leaves only (what accumulators store)."""
+    names = [n for n, t in tree.flatten(trainable).items() if t]
+
+    def pick(full):
+        flat = tree.flatten(full)
+        return tree.unflatten({n: flat[n] for n in names})
+
+    return pick
+
+
+class AccumulateState(NamedTuple):
+    mini_step: jax.Array  # int32: batches summed into `acc` since the last update
+    acc: Any  # summed gradients of the trainable leaves (frozen leaves are absent)
+    inner: Any  # the wrapped transform's state
+
+
+def accumulate(inner, *, every: int, trainable) -> optax.GradientTransformation:
+    """optax.MultiSteps over the trainable leaves only: one update of the mean gradient of
+    `every` batches (zero updates in between); frozen leaves get no accumulator."""
+    pick = _picker(trainable)
+
+    def init_fn(params):
+        acc = jax.tree_util.tree_map(jnp.zeros_like, pick(params))
+        return AccumulateState(jnp.zeros((), jnp.int32), acc, inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        acc = jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), state.acc, pick(updates))
+
+        def apply(_):
+            flat, means = tree.flatten(updates), tree.flatten(acc)
+            # Frozen leaves get constant zeros, so their gradients stay dead code.
+            grads = {
+                n: (means[n] / every).astype(g.dtype) if n in means else jnp.zeros_like(g)
+                for n, g in flat.items()
+            }
+            new_updates, inner_state = inner.update(tree.unflatten(grads), state.inner, params)
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, acc)
+            return new_updates, AccumulateState(jnp.zeros((), jnp.int32), zeros, inner_state)
+
+        def wait(_):
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
+            return zeros, AccumulateState(state.mini_step + 1, acc, state.inner)
+
+        return jax.lax.cond(state.mini_step + 1 >= every, apply, wait, None)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class EmaState(NamedTuple):
+    ema: Any  # EMA of the trainable weights (frozen leaves are their own average: absent)
+
+
+def track_ema(decay: float, *, trainable) -> optax.GradientTransformation:
+    """Keeps ema = decay * ema + (1 - decay) * new params, from the initial params; the
+    updates pass unchanged. Read it with ema_params(params, opt_state)."""
+    pick = _picker(trainable)
+
+    def init_fn(params):
+        return EmaState(jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), pick(params)))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("track_ema needs params: call tx.update(grads, state, params)")
+        new = jax.tree_util.tree_map(lambda p, u: p + u, pick(params), pick(updates))
+        ema = jax.tree_util.tree_map(
+            lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), state.ema, new
+        )
+        return updates, EmaState(ema)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_params(params, opt_state):
+    """params with each trainable leaf replaced by its EMA; None when ema_decay is 0."""
+    is_ema = lambda x: isinstance(x, EmaState)
+    found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_ema) if is_ema(s)]
+    if not found:
+        return None
+    flat = tree.flatten(params)
+    flat.update(tree.flatten(found[0].ema))
+    return tree.unflatten(flat)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def groups_table(c, rules, owner, params, *, plan: _Plan, scheds: dict, reset: bool) -> str:
+    """One row per rule: regex, group, leaves and parameters taken, multipliers, schedule."""
+    sizes = {n: int(np.prod(np.shape(x))) for n, x in tree.flatten(params).items()}
+    header = "# regex group leaves params lr_mult wd_mult peak_lr schedule".split()
+    rows = []
+    for rule in rules:
+        taken = [n for n, r in owner.items() if r is rule]
+        regex = rule.regex if len(rule.regex) <= 48 else rule.regex[:45] + "..."
+        row = [str(rule.index), regex, rule.label, str(len(taken))]
+        row.append(f"{sum(sizes[n] for n in taken):,}")
+        if rule.frozen:
+            row += ["-", "-", "-", "frozen"]
+        else:
+            peak = plan.lr * rule.lr_mult
+            row += [f"{rule.lr_mult:.4g}", f"{rule.wd_mult:g}", f"{peak:.3g}"]
+            row.append(scheds[rule.label].describe())
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    n_train = sum(sizes[n] for n, r in owner.items() if not r.frozen)
+    n_all = max(sum(sizes.values()), 1)
+    lines.append(
+        f"optimizer {plan.optimizer}, lr {plan.lr:g}, weight decay {c.weight_decay:g}, "
+        f"steps {plan.start}..{plan.end}; trainable "
+        f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f} %)"
+    )
+    if reset:
+        lines.append(RESET_NOTE)
+    return "\n".join(lines)
