@@ -23,8 +23,11 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
+# A fresh run each time (a workdir that holds a checkpoint would resume instead).
+DEMO_DIR ?= runs/demo
 demo: setup
-	$(PY) -m tlflax.main imagenet-check --out runs/imagenet_check
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/tlflax train --config configs/demo.py --workdir $(DEMO_DIR)
 
 test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -10,6 +10,14 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# TensorFlow (TFDS tests) and torch's triton (the torchvision / timm references) crash the
+# process when TensorFlow's libraries load first (segfault inside triton's import; TF 2.20,
+# torch 2.14). Loading torch's side first avoids it.
+try:  # noqa: SIM105
+    import torchvision  # noqa: E402, F401
+except ImportError:
+    pass
+
 import ipaddress  # noqa: E402
 import pathlib  # noqa: E402
 import socket  # noqa: E402

@@ -73,26 +73,83 @@ def _data_config() -> ConfigDict:
     c.eval_batch_size = 0  # 0: same as batch_size
     c.cache_dir = ""  # '' : <workdir>/cache; decoded uint8 arrays are reused from here
     c.max_bad_fraction = 0.01  # stop with an error when more images than this are undecodable
+    c.max_image_pixels = 89_478_485  # images with more pixels are bad (decompression bombs)
+    c.workers = 0  # decode processes for folder caches; 0: every core, 1: in this process
+    c.tfds_data_dir = ""  # tfds: prepared datasets' folder; '': $TFDS_DATA_DIR or TFDS's default
+    c.tfds_download = True  # tfds: download and prepare the dataset when it is not there yet
+    c.tfds_cache_max_mb = 4096  # tfds: splits whose uint8 arrays fit are cached; larger ones stream
+    c.shuffle_buffer = 4096  # tfds streaming: decoded examples in the shuffle buffer (host memory)
     return c
 
 
 def _aug_config() -> ConfigDict:
     c = ConfigDict()
-    c.crop = "resize"  # 'resize' (resize + centre crop), 'inception' (random resized), 'random'
+    # Train-time crop of the stored S x S image to image_size: 'resize' (the centre crop, as
+    # at evaluation), 'random' (a random image_size crop), 'inception' (random resized crop).
+    c.crop = "resize"
+    c.crop_scale = (0.08, 1.0)  # inception: range of the crop's area, as a fraction of S * S
+    c.crop_ratio = (0.75, 1.3333333333333333)  # inception: range of the crop's width / height
     c.flip = True  # random horizontal flip
+    c.vflip = False  # random vertical flip
     c.rotation = 0.0  # max rotation in degrees (Keras RandomRotation(0.1) = 36 degrees)
-    c.label_smoothing = 0.0
+    c.width_shift = 0.0  # max horizontal shift, fraction of the width (Keras width_shift_range)
+    c.height_shift = 0.0  # max vertical shift, fraction of the height
+    c.fill_mode = "nearest"  # pixels a rotation / shift uncovers: 'nearest' 'constant' 'reflect'
+    c.fill_value = 0.0  # 'constant' fill, in 0..255 pixel units
+    c.brightness = 0.0  # colour jitter: factor drawn from [1 - b, 1 + b] (torchvision semantics)
+    c.contrast = 0.0  # factor in [1 - c, 1 + c] around the image's mean grey
+    c.saturation = 0.0  # factor in [1 - s, 1 + s] around each pixel's grey
+    c.hue = 0.0  # HSV hue shift drawn from [-h, h] turns (h <= 0.5)
+    c.mixup_alpha = 0.0  # > 0: mixup with lambda ~ Beta(alpha, alpha)
+    c.cutmix_alpha = 0.0  # > 0: cutmix with lambda ~ Beta(alpha, alpha)
+    c.mix_prob = 1.0  # probability that an example is mixed (when an alpha is > 0)
+    c.cutmix_switch_prob = 0.5  # both alphas > 0: probability of cutmix rather than mixup
+    c.label_smoothing = 0.0  # targets = (1 - e) * one_hot + e / num_classes
     return c
 
 
 def _optim_config() -> ConfigDict:
+    # Read by tlflax/optim.py and tlflax/schedules.py. Durations: *_steps or *_epochs, not both.
     c = ConfigDict()
     c.name = "adam"  # 'adam' | 'adamw' | 'sgd' | 'rmsprop'
-    c.lr = 1e-3  # base learning rate (per group: times lr_mult)
-    c.weight_decay = 0.0
+    c.lr = 1e-3  # base (peak) learning rate; each group's is lr * lr_mult
+    c.b1 = 0.9  # adam / adamw: first-moment decay
+    c.b2 = 0.999  # adam / adamw: second-moment decay
+    c.eps = 1e-7  # adam / adamw / rmsprop epsilon (Keras' default)
+    c.momentum = 0.9  # sgd momentum; 0: plain SGD
+    c.nesterov = False  # Nesterov momentum (sgd, rmsprop with rms_momentum > 0)
+    c.rms_decay = 0.9  # rmsprop: decay of the mean squared gradient (Keras' rho)
+    c.rms_momentum = 0.0  # rmsprop momentum (Keras' default: 0)
+    c.weight_decay = 0.0  # adamw: decoupled (p -= lr * wd * p); others: L2 added to the gradient
+    c.decay_1d = False  # also decay 1-d leaves (biases, norm scales); off, as in timm / BEiT
+    c.no_decay = (".*/embed/(cls|pos)",)  # regexes of further leaves never decayed (ViT tokens)
     c.grad_clip_norm = 0.0  # 0: off; else global norm over the trainable leaves only
-    c.strategy = "linear_probe"  # preset that writes `groups`; '' : use `groups` as given
-    c.groups = ()  # ordered (regex, rule) pairs; rule None (frozen) or dict
+    c.accum_steps = 1  # batches averaged into one update (gradient accumulation)
+    c.moment_dtype = ""  # first moment / momentum dtype, e.g. 'bfloat16'; '': the params' dtype
+    c.ema_decay = 0.0  # 0: off; else EMA of trainable weights in opt_state (optim.ema_params)
+    c.schedule = "constant"  # after warmup: 'constant' 'cosine' 'linear' 'step' 'inverse_time'
+    c.warmup_steps = 0  # linear warmup to lr at the start of each phase
+    c.warmup_epochs = 0.0
+    c.end_lr_mult = 0.0  # 'cosine' / 'linear': the phase's final lr as a fraction of its peak
+    c.decay_rate = 0.1  # 'step': lr *= rate per interval; 'inverse_time': lr / (1 + rate * n)
+    c.decay_every_steps = 0  # the interval of 'step' / 'inverse_time' (Keras `decay`: 1 step)
+    c.decay_every_epochs = 0.0
+    c.strategy = "linear_probe"  # 'linear_probe' 'last_k' 'full' 'two_phase'; '': use `groups`
+    # (regex, rule) pairs over parameter names, first full match wins; rule None (frozen) or a
+    # dict with optional lr_mult, wd_mult (1.0), schedule (name or dict of the keys above), name.
+    c.groups = ()
+    c.k = 1  # last_k: stages >= n_stages - k train (plus the head)
+    c.lr_decay = "none"  # full / last_k: 'none' 'linear' 'exponential' 'layer_decay'
+    c.lr_floor_mult = 1e-3  # 'linear': layer 0's lr_mult, up to 1 at the head (VGG16 seed)
+    c.stage_divisor = 3.0  # 'exponential': lr / divisor per stage towards the input (ResNet seed)
+    c.layer_decay = 0.75  # 'layer_decay': lr * layer_decay ** (n_layers - layer) (BEiT / timm)
+    c.probe_steps = 0  # two_phase: phase 1, the linear probe (seeds: 16 epochs)
+    c.probe_epochs = 0.0
+    c.finetune_steps = 0  # two_phase: phase 2, fine-tuning (seeds: 8 epochs)
+    c.finetune_epochs = 0.0
+    c.finetune = "full"  # two_phase phase 2: 'full' (with lr_decay) | 'last_k' (with k)
+    c.finetune_lr = 1e-5  # two_phase phase 2 base lr (Keras guide: Adam 1e-5)
+    c.finetune_optimizer = ""  # two_phase phase 2 optimizer; '': same as `name`
     return c
 
 
@@ -110,6 +167,10 @@ def _train_config() -> ConfigDict:
     c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
     c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)
     c.distributed = False  # jax.distributed.initialize() (TPU VMs, multi-GPU hosts)
+    # Elsewhere (CPU processes, bare GPU hosts) say where and who; '' / 0 / -1: auto-detect.
+    c.coordinator_address = ""  # 'host:port' of process 0
+    c.num_processes = 0
+    c.process_id = -1
     return c
 
 
@@ -134,3 +195,33 @@ def _update_checked(config: ConfigDict, values: dict, *, prefix: str) -> None:
                 _update_checked(config[key], value, prefix=f"{prefix}{key}.")
         else:
             config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+    """'key=value,key=value' (the `:ARGS` of configs/X.py:ARGS) over `defaults`.
+
+    A bare word is a switch: 'runlocal' is runlocal=True. Values take the type of their
+    default (bool from true/false/1/0); an unknown key is an error that lists the known ones.
+    """
+    values = dict(defaults)
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, text = part.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise KeyError(f"config argument {key!r} is unknown; known: {sorted(defaults)}")
+        values[key] = _typed(key, text.strip() if sep else "true", defaults[key])
+    return values
+
+
+def _typed(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"config argument {key}={text!r}: use true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"config argument {key}={text!r}: not a {type(default).__name__}") from e

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlflax {command}: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax", "orbax"):  # orbax logs every save step by step at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from tlflax import cli  # heavy imports (jax) only after the flags parse
 
     return getattr(cli, f"cmd_{command}")(FLAGS, _CONFIG.value, positional)

@@ -228,7 +228,7 @@ def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
         return ckpt.restore(latest, abstract_state=abstract), shardings
     variables = initial_variables(config, run)
     st = state.create(variables=variables, tx=phase.tx, seed=config.seed)
-    return jax.device_put(st, shardings), shardings
+    return sharding.put_global(st, shardings), shardings
 
 
 def open_checkpointer(config, workdir: pathlib.Path) -> checkpointing.Checkpointer:
@@ -245,7 +245,7 @@ def open_checkpointer(config, workdir: pathlib.Path) -> checkpointing.Checkpoint
 def switch_phase(st: state.TrainState, phase, run: Run):
     """Fresh optimizer state for the new phase: newly unfrozen leaves start from zero moments."""
     st = st.replace(opt_state=phase.tx.init(st.params))
-    return jax.device_put(st, shardings_for(st, run))
+    return sharding.put_global(st, shardings_for(st, run))
 
 
 # ----------------------------------------------------------------------------- loop
@@ -310,15 +310,18 @@ def run_eval(eval_fn, st, run: Run, *, split=None):
 def _flush_train_metrics(pending, *, first_step: int, writer, phase, seconds, n_images):
     """One host sync per logging interval; a non-finite loss stops the run, naming the step."""
     host = jax.device_get(pending)
-    losses_seen = np.array([m["loss"] for m in host])
-    bad = np.flatnonzero(~np.isfinite(losses_seen))
-    if bad.size:
-        step = first_step + int(bad[0]) + 1
-        raise NonFiniteLossError(
-            f"training loss is {losses_seen[bad[0]]} at step {step}; stopping. The last "
-            "checkpoint before it stays valid; lower the learning rate or enable "
-            "optim.grad_clip_norm and resume"
-        )
+    # A non-finite gradient norm with a finite loss means the next parameters are already
+    # broken: stop before they are checkpointed.
+    for key in ("loss", "grad_norm"):
+        seen = np.array([m[key] for m in host])
+        bad = np.flatnonzero(~np.isfinite(seen))
+        if bad.size:
+            step = first_step + int(bad[0]) + 1
+            raise NonFiniteLossError(
+                f"training {key} is {seen[bad[0]]} at step {step}; stopping. The checkpoints "
+                "before it stay valid; lower the learning rate or enable "
+                "optim.grad_clip_norm and resume"
+            )
     last = first_step + len(host)
     scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
     scalars["train/images_per_sec"] = n_images / max(seconds, 1e-9)
@@ -348,7 +351,12 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    sharding.maybe_initialize_distributed(enabled=config.train.distributed)
+    sharding.maybe_initialize_distributed(
+        enabled=config.train.distributed,
+        coordinator_address=config.train.coordinator_address or None,
+        num_processes=config.train.num_processes or None,
+        process_id=None if config.train.process_id < 0 else config.train.process_id,
+    )
     run = setup(config, workdir)
     save_run_record(config, run, workdir)
     for phase in run.phases:
@@ -456,6 +464,7 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> d
         evaluate.write_reports(
             final,
             out_dir=workdir / "reports",
+            images=getattr(run.datasets.eval, "images", None),  # streamed splits keep none
             history=history,
             phase_switch_steps=switches,
             title=config.model.name,

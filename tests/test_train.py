@@ -1,0 +1,298 @@
+"""The trainer end to end: CLI, reports, devices, processes, SIGKILL + resume, bad input.
+
+Runs go through the real command line (`python -m tlflax.main train ...`) on
+tests/tiny_config.py (resnet_tiny on sklearn's digits, 16 px, 4 + 4 steps); most in a
+subprocess, so that each can choose its own device count or be killed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tlflax import config_lib, main, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "tiny_config.py")
+
+
+def _env(n_devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _train_cmd(workdir, *flags) -> list[str]:
+    cmd = [sys.executable, "-m", "tlflax.main", "train", "--config", TINY]
+    return cmd + ["--workdir", str(workdir), *flags]
+
+
+def _run(cmd, *, n_devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd, env=_env(n_devices), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+def _history(workdir) -> list[dict]:
+    from tlflax import metrics_io
+
+    return metrics_io.read_history(workdir)
+
+
+def _train_losses(workdir) -> dict[int, float]:
+    return {h["step"]: h["train/loss"] for h in _history(workdir) if "train/loss" in h}
+
+
+def _final_params(workdir) -> tuple[dict[str, np.ndarray], int]:
+    """The last checkpoint's params and batch_stats, flattened, as numpy (no model needed)."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    restored = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / "state")
+    from tlflax import tree
+
+    flat = tree.flatten({"params": restored["params"], "batch_stats": restored["batch_stats"]})
+    return {k: np.asarray(v) for k, v in flat.items()}, step
+
+
+def _n_eval(workdir) -> int:
+    manifest = json.loads((pathlib.Path(workdir) / "data_manifest.json").read_text())
+    return manifest["splits"]["eval"]["n_images"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    done = _run(_train_cmd(workdir))
+    return workdir, done.stdout
+
+
+def test_run_writes_the_record_and_reports(finished_run):
+    workdir, stdout = finished_run
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["model"] == "resnet_tiny"
+    assert [r["strategy"] for r in summary["phases"]] == ["linear_probe", "finetune"]
+    n = summary["final"]["n"]
+    assert n == _n_eval(workdir) > 170  # 10 % of the 1,797 digits, each exactly once
+    assert summary["final"]["errors"] == round((1 - summary["final"]["val/top1"]) * n)
+    assert f"/{n}" in stdout and "linear_probe" in stdout and "finetune" in stdout
+    for name in ("config.json", "classes.json", "preprocessing.json", "data_manifest.json"):
+        assert (workdir / name).is_file(), name
+    for name in ("curves.png", "confusion.png", "errors.png", "eval.json", "per_class.csv"):
+        assert (workdir / "reports" / name).is_file(), name
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    losses = _train_losses(workdir)
+    assert sorted(losses) == list(range(1, 9))
+    # The new head starts at zero: the first step's loss is log(10) exactly (to float32).
+    assert losses[1] == pytest.approx(math.log(10), abs=1e-5)
+    lrs = [h for h in _history(workdir) if any(k.startswith("lr/") for k in h)]
+    assert {"lr/head"} <= set(lrs[0]) and "lr/stage0" in lrs[-1]
+    assert all("train/images_per_sec" in h for h in _history(workdir) if "train/loss" in h)
+
+
+def test_eval_and_predict_restore_the_best(finished_run, tmp_path, capsys):
+    workdir, _ = finished_run
+    assert main.main(["tlflax", "eval", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "errors" in out and f"/{_n_eval(workdir)}" in out
+    good = tmp_path / "digit.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(good)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    argv = ["tlflax", "predict", "--workdir", str(workdir), "--top_k", "3", str(bad), str(good)]
+    assert main.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"{bad}: cannot read image")
+    assert lines[1].startswith(f"{good}: ") and lines[1].count("%") == 3
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@pytest.mark.slow
+def test_one_device_and_eight_give_the_same_loss_curve(tmp_path):
+    steps = ["--config.optim.probe_steps=10", "--config.optim.finetune_steps=10"]
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    _run(_train_cmd(one, *steps, "--config.train.eval_every=20"), n_devices=1)
+    _run(_train_cmd(eight, *steps, "--config.train.eval_every=20"), n_devices=8)
+    a, b = _train_losses(one), _train_losses(eight)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    diff = max(abs(a[s] - b[s]) for s in a)
+    assert diff <= 1e-4, (diff, a, b)
+    assert a[20] < a[1]  # it learns, so the curves compared are not flat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_one_process_restores(tmp_path):
+    workdir, port = tmp_path / "run", _free_port()
+    flags = [
+        "--config.train.distributed=True",
+        f"--config.train.coordinator_address=127.0.0.1:{port}",
+        "--config.train.num_processes=2",
+        "--config.train.checkpoint_every=4",
+    ]
+    procs = [
+        subprocess.Popen(
+            _train_cmd(workdir, *flags, f"--config.train.process_id={i}"),
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-4000:]
+    assert "jax.distributed: process 1 of 2, 2 local / 4 global devices" in outs[1]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["final"]["n"] == _n_eval(workdir)
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 8]
+    # One process, one device, no distributed runtime: restores what both wrote.
+    done = _run([sys.executable, "-m", "tlflax.main", "eval", "--workdir", str(workdir)])
+    top1 = f"{100 * summary['final']['val/top1']:.2f} %"
+    assert top1 in done.stdout, (top1, done.stdout)
+
+
+# ----------------------------------------------------------------------------- kill + resume
+
+
+def _wait_for(predicate, proc, *, timeout=300.0, poll=0.002):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def _logged_steps(workdir) -> int:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+    return max(steps, default=0)
+
+
+def _saving(workdir) -> bool:
+    ckpt = pathlib.Path(workdir) / "checkpoints"
+    return ckpt.is_dir() and any(p.name.endswith("orbax-checkpoint-tmp") for p in ckpt.iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
+    reference = tmp_path / "reference"
+    _run(_train_cmd(reference))
+    expected, last = _final_params(reference)
+    assert last == 8
+
+    rng = random.Random(os.getpid())
+    kill_at = rng.randint(2, 6)
+    for name, killed_when in (("in_training", "step"), ("in_a_save", "save")):
+        workdir = tmp_path / name
+        proc = subprocess.Popen(
+            _train_cmd(workdir),
+            env=_env(1),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        if killed_when == "step":
+            hit = _wait_for(lambda w=workdir: _logged_steps(w) >= kill_at, proc)
+        else:
+            hit = _wait_for(lambda w=workdir: _saving(w), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert hit, f"{name}: the run ended before it could be killed"
+        if killed_when == "save":
+            assert _saving(workdir), "the kill landed after the save had finished"
+        _run(_train_cmd(workdir))  # the same command resumes
+        got, last = _final_params(workdir)
+        assert last == 8
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
+        losses, ref_losses = _train_losses(workdir), _train_losses(reference)
+        assert losses == ref_losses  # the replayed steps' records replace the first ones
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    argv = ["tlflax", "train", "--config", TINY, "--workdir", str(tmp_path)]
+    assert main.main(argv + ["--config.model.num_clases=3"]) == 2
+    assert "num_clases" in capsys.readouterr().err
+
+
+def test_num_classes_that_disagrees_with_the_data(tmp_path):
+    config = config_lib.get_base_config()
+    config.update_from_flattened_dict(
+        {"data.source": "digits", "data.val_fraction": 0.1, "data.image_size": 16}
+    )
+    config.model.name = "resnet_tiny"
+    config.model.num_classes = 7
+    with pytest.raises(ValueError, match=r"num_classes=7 but the data has 10 classes"):
+        train.setup(config, tmp_path)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    config = config_lib.get_base_config()
+    config.update_from_flattened_dict(
+        {
+            "model.name": "resnet_tiny",
+            "data.source": "digits",
+            "data.val_fraction": 0.1,
+            "data.image_size": 16,
+            "data.batch_size": 16,
+            "optim.strategy": "full",
+            "optim.name": "sgd",
+            "optim.lr": 1e30,
+            "train.steps": 6,
+            "train.log_every": 1,
+            "train.checkpoint_every": 1,
+            "train.async_checkpoints": False,
+        }
+    )
+    with pytest.raises(
+        FloatingPointError, match=r"training (loss|grad_norm) is \S+ at step (\d+); stopping"
+    ) as info:
+        train.train_and_evaluate(config, tmp_path)
+    bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+    ckpts = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert all(step < bad_step for step in ckpts)  # nothing after the bad step was kept
