@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
-from tlflax.models import common
+from tlflax.models import common, layers
 
 PADDINGS = ("same", "symmetric")
 DEPTHWISE = ("auto", "shift", "conv")
@@ -146,7 +146,9 @@ def _pad(kernel: int, stride: int, padding: str):
     return ((pad, pad), (pad, pad))
 
 
-def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Conv:
+def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Module:
+    if kernel == 1 and stride == 1:
+        return layers.PointwiseConv(features, dtype=dtype, kernel_init=_conv_init, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
-from tlflax.models import common
+from tlflax.models import common, layers
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # block -> output width / width
 DEFAULTS = {
@@ -57,7 +57,11 @@ ARCHS = {
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, *, stride: int = 1, dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, *, stride: int = 1, dtype, name: str) -> nn.Module:
+    if kernel == 1:
+        return layers.PointwiseConv(
+            features, stride=stride, dtype=dtype, kernel_init=_conv_init, name=name
+        )
     pad = kernel // 2
     return nn.Conv(
         features,
