@@ -307,9 +307,14 @@ def run_eval(eval_fn, st, run: Run, *, split=None):
     )
 
 
-def _flush_train_metrics(pending, *, first_step: int, writer, phase, seconds, n_images):
-    """One host sync per logging interval; a non-finite loss stops the run, naming the step."""
+def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, n_images):
+    """One host sync per logging interval; a non-finite loss stops the run, naming the step.
+
+    images/s counts from t0 to the end of this sync: steps are dispatched asynchronously, so
+    only a clock read after the sync covers their computation.
+    """
     host = jax.device_get(pending)
+    seconds = time.time() - t0
     # A non-finite gradient norm with a finite loss means the next parameters are already
     # broken: stop before they are checkpointed.
     for key in ("loss", "grad_norm"):
@@ -408,11 +413,11 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
                     first_step=first,
                     writer=writer,
                     phase=run.phases[phase_idx],
-                    seconds=time.time() - t0,
+                    t0=t0,
                     n_images=len(pending) * run.global_batch,
                 )
                 bar.update(step, loss=scalars["train/loss"])
-                pending, t0, first = [], time.time(), step
+                pending, first = [], step
             phase_end = step == run.phases[phase_idx].end_step
             val = None
             if step % eval_every == 0 or step == total or phase_end:
@@ -430,6 +435,8 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
                     log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
             if step % ckpt_every == 0 or step == total or phase_end:
                 ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
+            if not pending:  # the interval after a flush times training only, not eval / saves
+                t0 = time.time()
             if step >= total:
                 break
     bar.close()
