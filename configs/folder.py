@@ -50,8 +50,5 @@ def get_config(arg=None):
     c.train.bn_mode = "frozen"
     c.train.log_every = 10
     if a["runlocal"]:
-        c.data.image_size = 64
-        c.data.batch_size = 8
-        c.optim.probe_epochs, c.optim.probe_steps = 0.0, 2
-        c.optim.finetune_epochs, c.optim.finetune_steps = 0.0, 2
+        config_lib.shrink_for_cpu(c, model="efficientnet_lite_tiny")
     return config_lib.lock(c)

@@ -39,10 +39,5 @@ def get_config(arg=None):
     c.optim.finetune_epochs = 10.0
     c.train.bn_mode = "frozen"
     if a["runlocal"]:
-        c.model.name = "efficientnet_lite_tiny"
-        c.weights.source = ""
-        c.data.image_size = 32
-        c.data.batch_size = 8
-        c.optim.probe_epochs, c.optim.probe_steps = 0.0, 2
-        c.optim.finetune_epochs, c.optim.finetune_steps = 0.0, 2
+        config_lib.shrink_for_cpu(c, model="efficientnet_lite_tiny")
     return config_lib.lock(c)

@@ -39,14 +39,5 @@ def get_config(arg=None):
     c.optim.finetune_epochs = 8.0
     c.train.bn_mode = "frozen"
     if a["runlocal"]:
-        _runlocal(c)
+        config_lib.shrink_for_cpu(c, model="resnet_tiny")
     return config_lib.lock(c)
-
-
-def _runlocal(c):
-    c.model.name = "resnet_tiny"
-    c.weights.source = ""
-    c.data.image_size = 32
-    c.data.batch_size = 8
-    c.optim.probe_epochs, c.optim.probe_steps = 0.0, 2
-    c.optim.finetune_epochs, c.optim.finetune_steps = 0.0, 2

@@ -41,12 +41,5 @@ def get_config(arg=None):
     c.optim.grad_clip_norm = 1.0
     c.model.compute_dtype = "bfloat16"
     if a["runlocal"]:
-        c.model.name = "vit_tiny"
-        c.weights.source = ""
-        c.model.compute_dtype = "float32"
-        c.data.image_size = 32
-        c.data.batch_size = 8
-        c.optim.probe_epochs, c.optim.probe_steps = 0.0, 2
-        c.optim.finetune_epochs, c.optim.finetune_steps = 0.0, 2
-        c.optim.warmup_epochs = 0.0
+        config_lib.shrink_for_cpu(c, model="vit_tiny")
     return config_lib.lock(c)

@@ -174,6 +174,21 @@ def _train_config() -> ConfigDict:
     return c
 
 
+def shrink_for_cpu(config: ConfigDict, *, model: str, steps: int = 2) -> ConfigDict:
+    """The `runlocal` switch of a config: a tiny random-init model, 32 px, a few steps per
+    phase. It checks the wiring of a recipe on a laptop, not its accuracy."""
+    config.model.name = model
+    config.model.compute_dtype = "float32"
+    config.weights.source = ""
+    config.data.image_size = 32
+    config.data.batch_size = 8
+    config.optim.probe_epochs, config.optim.probe_steps = 0.0, steps
+    config.optim.finetune_epochs, config.optim.finetune_steps = 0.0, steps
+    config.optim.warmup_epochs = 0.0
+    config.train.epochs, config.train.steps = 0.0, steps
+    return config
+
+
 def from_json(text: str) -> ConfigDict:
     """A config saved by a run (workdir/config.json), checked against the base keys."""
     import json

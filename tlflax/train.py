@@ -294,12 +294,10 @@ def run_eval(eval_fn, st, run: Run, *, split=None):
     split = split or run.datasets.eval
     variables = state.variables_of(st)
     batch_sh = sharding.batch_sharding(run.mesh)
-    outputs = []
-    for batch in split.iterate(
+    batches = split.iterate(
         global_batch=run.eval_batch, epoch=0, shuffle=False, drop_remainder=False
-    ):
-        out = eval_fn(variables, sharding.host_to_global(batch, batch_sh))
-        outputs.append(out)
+    )
+    outputs = [eval_fn(variables, b) for b in data.prefetch_to_device(batches, 2, batch_sh)]
     gathered = [multihost_utils.process_allgather(o, tiled=True) for o in outputs]
     return evaluate.summarise(
         [jax.tree_util.tree_map(np.asarray, g) for g in gathered],
@@ -395,53 +393,60 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
     bar = metrics_io.ProgressBar(total, enabled=None)
     results: dict = {}
     pending, t0, first = [], time.time(), step
-    batch_sh = sharding.batch_sharding(run.mesh)
-    while step < total:
-        epoch, offset = divmod(step, spe)
-        batches = run.datasets.train.iterate(
-            global_batch=run.global_batch, epoch=epoch, shuffle=True, drop_remainder=True
-        )
-        # Resumed mid-epoch: the epoch's order depends only on (seed, epoch), so skip ahead.
-        batches = itertools.islice(batches, offset, None)
-        for batch in data.prefetch_to_device(batches, 2, batch_sh):
-            st, metrics = train_step(st, batch)
-            pending.append(metrics)
-            step += 1
-            if step % log_every == 0 or step % spe == 0 or step == total:
-                scalars = _flush_train_metrics(
-                    pending,
-                    first_step=first,
-                    writer=writer,
-                    phase=run.phases[phase_idx],
-                    t0=t0,
-                    n_images=len(pending) * run.global_batch,
-                )
-                bar.update(step, loss=scalars["train/loss"])
-                pending, first = [], step
-            phase_end = step == run.phases[phase_idx].end_step
-            val = None
-            if step % eval_every == 0 or step == total or phase_end:
-                val = run_eval(eval_fn, st, run)
-                writer.write_scalars(step, _val_scalars(val, epoch=step / spe))
-            if phase_end:
-                results[run.phases[phase_idx].name] = val
-                if phase_idx + 1 < len(run.phases):
-                    # Switch before saving, so a checkpoint at step N holds the state
-                    # of the phase that step N starts (and resume rebuilds the same tx).
-                    phase_idx += 1
-                    st = switch_phase(st, run.phases[phase_idx], run)
-                    shardings = shardings_for(st, run)
-                    train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
-                    log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
-            if step % ckpt_every == 0 or step == total or phase_end:
-                ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
-            if not pending:  # the interval after a flush times training only, not eval / saves
-                t0 = time.time()
-            if step >= total:
-                break
+    # One prefetching iterator for the whole run: no refill stall at epoch boundaries.
+    batches = data.prefetch_to_device(
+        train_batches(run, start_step=step), 2, sharding.batch_sharding(run.mesh)
+    )
+    for batch in batches if step < total else ():
+        st, metrics = train_step(st, batch)
+        pending.append(metrics)
+        step += 1
+        if step % log_every == 0 or step % spe == 0 or step == total:
+            scalars = _flush_train_metrics(
+                pending,
+                first_step=first,
+                writer=writer,
+                phase=run.phases[phase_idx],
+                t0=t0,
+                n_images=len(pending) * run.global_batch,
+            )
+            bar.update(step, loss=scalars["train/loss"])
+            pending, first = [], step
+        phase_end = step == run.phases[phase_idx].end_step
+        val = None
+        if step % eval_every == 0 or step == total or phase_end:
+            val = run_eval(eval_fn, st, run)
+            writer.write_scalars(step, _val_scalars(val, epoch=step / spe))
+        if phase_end:
+            results[run.phases[phase_idx].name] = val
+            if phase_idx + 1 < len(run.phases):
+                # Switch before saving, so a checkpoint at step N holds the state
+                # of the phase that step N starts (and resume rebuilds the same tx).
+                phase_idx += 1
+                st = switch_phase(st, run.phases[phase_idx], run)
+                shardings = shardings_for(st, run)
+                train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
+                log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
+        if step % ckpt_every == 0 or step == total or phase_end:
+            ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
+        if not pending:  # the interval after a flush times training only, not eval / saves
+            t0 = time.time()
+        if step >= total:
+            break
     bar.close()
     results["_state"] = st
     return results
+
+
+def train_batches(run: Run, *, start_step: int):
+    """Host batches from start_step on, epoch after epoch, without end."""
+    epoch, offset = divmod(start_step, run.steps_per_epoch)
+    for e in itertools.count(epoch):
+        batches = run.datasets.train.iterate(
+            global_batch=run.global_batch, epoch=e, shuffle=True, drop_remainder=True
+        )
+        # Resumed mid-epoch: an epoch's order depends only on (seed, epoch), so skip ahead.
+        yield from itertools.islice(batches, offset if e == epoch else 0, None)
 
 
 def _val_scalars(result, **extra) -> dict:

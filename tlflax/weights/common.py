@@ -40,3 +40,16 @@ def dense_kernel(w: np.ndarray) -> np.ndarray:
     if w.ndim != 2:
         raise ValueError(f"expected a 2-d linear weight, got shape {w.shape}")
     return np.transpose(w)
+
+
+# A PyTorch conv / BatchNorm / linear leaf, by (target kind, checkpoint leaf) ->
+# (collection, tlflax leaf, layout change). Shared by the ResNet and Lite converters.
+TORCH_LEAVES = {
+    ("conv", "weight"): ("params", "kernel", conv_kernel),
+    ("bn", "weight"): ("params", "scale", None),
+    ("bn", "bias"): ("params", "bias", None),
+    ("bn", "running_mean"): ("batch_stats", "mean", None),
+    ("bn", "running_var"): ("batch_stats", "var", None),
+    ("dense", "weight"): ("params", "kernel", dense_kernel),
+    ("dense", "bias"): ("params", "bias", None),
+}

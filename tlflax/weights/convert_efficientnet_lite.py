@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from tlflax.weights.common import UNEXPECTED_PREFIX, Converted, conv_kernel, dense_kernel
+from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
 
 SCHEMES = ("lite_pth", "timm")
 _IGNORED = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
@@ -52,17 +52,6 @@ _TIMM_IR = {
     "bn3": "project_bn",
 }
 _TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
-
-# (target kind, checkpoint leaf) -> (collection, tlflax leaf, layout change)
-_LEAVES = {
-    ("conv", "weight"): ("params", "kernel", conv_kernel),
-    ("bn", "weight"): ("params", "scale", None),
-    ("bn", "bias"): ("params", "bias", None),
-    ("bn", "running_mean"): ("batch_stats", "mean", None),
-    ("bn", "running_var"): ("batch_stats", "var", None),
-    ("dense", "weight"): ("params", "kernel", dense_kernel),
-    ("dense", "bias"): ("params", "bias", None),
-}
 
 
 def _strip(key: str) -> str:
@@ -165,7 +154,7 @@ def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
             ignored[original] = _IGNORED
             continue
         module = module_of(path)
-        rule = module and _LEAVES.get((_kind(module), path.rsplit(".", 1)[-1]))
+        rule = module and TORCH_LEAVES.get((_kind(module), path.rsplit(".", 1)[-1]))
         name = rule and f"{rule[0]}/{module}/{rule[1]}"
         if not rule or name in variables:  # unknown, or a second key for one name
             variables[UNEXPECTED_PREFIX + original] = value

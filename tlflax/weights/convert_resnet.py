@@ -23,7 +23,7 @@ import re
 
 import numpy as np
 
-from tlflax.weights.common import UNEXPECTED_PREFIX, Converted, conv_kernel, dense_kernel
+from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
 
 SCHEMES = ("hf", "timm", "hf_flax")
 _KIND = {"convolution": "conv", "normalization": "bn", "conv": "conv", "bn": "bn"}
@@ -64,16 +64,6 @@ _TIMM_MODULES = [
     (r"fc", lambda m: "head/out"),
 ]
 
-# (target kind, checkpoint leaf) -> (collection, tlflax leaf, layout change)
-_TORCH_LEAVES = {
-    ("conv", "weight"): ("params", "kernel", conv_kernel),
-    ("bn", "weight"): ("params", "scale", None),
-    ("bn", "bias"): ("params", "bias", None),
-    ("bn", "running_mean"): ("batch_stats", "mean", None),
-    ("bn", "running_var"): ("batch_stats", "var", None),
-    ("dense", "weight"): ("params", "kernel", dense_kernel),
-    ("dense", "bias"): ("params", "bias", None),
-}
 _FLAX_LEAVES = {
     ("conv", "kernel"): ("params", "kernel", None),
     ("bn", "scale"): ("params", "scale", None),
@@ -96,8 +86,8 @@ def _strip_hf_flax(key: str) -> str:
 
 
 _SCHEME_RULES = {
-    "hf": (".", _hf_modules("."), _TORCH_LEAVES, _strip_hf),
-    "timm": (".", _TIMM_MODULES, _TORCH_LEAVES, lambda key: key),
+    "hf": (".", _hf_modules("."), TORCH_LEAVES, _strip_hf),
+    "timm": (".", _TIMM_MODULES, TORCH_LEAVES, lambda key: key),
     "hf_flax": ("/", _hf_modules("/"), _FLAX_LEAVES, _strip_hf_flax),
 }
 

@@ -1,0 +1,59 @@
+"""Every experiment config loads, is locked, and plans (model + optimizer phases) as written."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from tlflax import config_lib, train
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+ARGS = {"folder.py": "path=/data/photos"}
+
+
+def load(path: pathlib.Path, arg):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"demo.py", "folder.py", "resnet50_flowers102.py"}
+
+
+@pytest.mark.parametrize("runlocal", [False, True])
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_loads_locked_and_plans(path, runlocal):
+    arg = ",".join(a for a in (ARGS.get(path.name, ""), "runlocal" if runlocal else "") if a)
+    config = load(path, arg or None)
+    assert config.is_locked
+    with pytest.raises(AttributeError):
+        config.optim.no_such_key = 1
+    text = path.read_text()
+    assert text.startswith('"""') and "tlflax train --config configs/" in text.split('"""')[1]
+    assert "import jax" not in text  # configs import ml_collections and config_lib only
+    spec = train.build_model(config, num_classes=10)
+    prep = spec.preprocessing
+    if config.data.image_size:
+        prep = prep.at_resolution(config.data.image_size)
+    run = train.plan(config, num_classes=10, steps_per_epoch=7, prep=prep)
+    assert run.total_steps >= 1 and run.phases[-1].end_step == run.total_steps
+
+
+def test_config_arguments_are_checked():
+    folder = next(p for p in CONFIGS if p.name == "folder.py")
+    with pytest.raises(KeyError, match=r"'pth' is unknown; known: \['aug', 'model'"):
+        load(folder, "pth=/x")
+    with pytest.raises(ValueError, match="aug='maybe': use true or false"):
+        load(folder, "path=/x,aug=maybe")
+    assert load(folder, "path=/x,val_fraction=0.2,aug=false").data.val_fraction == 0.2
+
+
+def test_parse_arg_types():
+    got = config_lib.parse_arg(
+        "n=3,x=0.5,runlocal,name=a b", {"n": 1, "x": 0.0, "runlocal": False, "name": ""}
+    )
+    assert got == {"n": 3, "x": 0.5, "runlocal": True, "name": "a b"}
