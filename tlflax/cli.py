@@ -123,7 +123,12 @@ def cmd_inspect(flags, config, positional) -> int:
         from tlflax import weights as weights_lib
 
         concrete = spec.init(jax.random.key(0))
-        loaded = weights_lib.load_pretrained(spec, flags.weights, variables=concrete, reinit=())
+        # The new head is replaced, as in training (its size is --num_classes, not the
+        # checkpoint's); everything else must come from the checkpoint.
+        reinit = tuple(config.weights.reinit) if config is not None else ("head/.*",)
+        loaded = weights_lib.load_pretrained(
+            spec, flags.weights, variables=concrete, reinit=reinit
+        )
         variables = loaded.variables
         print(f"weights {flags.weights}: {loaded.report.summary()}")
         print(f"preprocessing: {loaded.preprocessing}")

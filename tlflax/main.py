@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return 2
     command = argv.pop(1)
+    FLAGS.unparse_flags()  # main() may run more than once in a process (tests, notebooks)
     try:
         positional = FLAGS(argv)[1:]
     except flags.Error as e:

