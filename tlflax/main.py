@@ -43,15 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage(), file=sys.stderr)
         return 2
     command = argv.pop(1)
-    FLAGS.unparse_flags()  # main() may run more than once in a process (tests, notebooks)
+    # First: any logging call before it (absl's flag code makes some) would configure the
+    # root logger at WARNING and make this a no-op, silencing the run's log.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax", "orbax"):  # orbax logs every save step by step at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # main() may run more than once in a process (tests, notebooks): start from the defaults,
+    # also after a parse that failed half-way. (absl logs each reset at INFO; not news.)
+    logging.disable(logging.INFO)
+    FLAGS.unparse_flags()
+    logging.disable(logging.NOTSET)
     try:
         positional = FLAGS(argv)[1:]
     except flags.Error as e:
         print(f"tlflax {command}: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "jax", "orbax"):  # orbax logs every save step by step at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     from tlflax import cli  # heavy imports (jax) only after the flags parse
 
     return getattr(cli, f"cmd_{command}")(FLAGS, _CONFIG.value, positional)
