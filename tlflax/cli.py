@@ -126,9 +126,7 @@ def cmd_inspect(flags, config, positional) -> int:
         # The new head is replaced, as in training (its size is --num_classes, not the
         # checkpoint's); everything else must come from the checkpoint.
         reinit = tuple(config.weights.reinit) if config is not None else ("head/.*",)
-        loaded = weights_lib.load_pretrained(
-            spec, flags.weights, variables=concrete, reinit=reinit
-        )
+        loaded = weights_lib.load_pretrained(spec, flags.weights, variables=concrete, reinit=reinit)
         variables = loaded.variables
         print(f"weights {flags.weights}: {loaded.report.summary()}")
         print(f"preprocessing: {loaded.preprocessing}")
