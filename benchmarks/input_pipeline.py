@@ -61,6 +61,7 @@ def parse_args():
     parser.add_argument("--aug-iters", type=int, default=5, help="timed batches per recipe")
     parser.add_argument("--aug-batch", type=int, default=128)
     parser.add_argument("--skip-augment", action="store_true")
+    parser.add_argument("--out", default="", help="also write the JSON here")
     return parser.parse_args()
 
 
@@ -201,7 +202,10 @@ def main() -> int:
         aug = dict(augment_rates(batch=args.aug_batch, iters=args.aug_iters), batch=args.aug_batch)
     print_table(rows, aug)
     ok = all(row["warm_speedup"] >= 10 for row in rows)
-    print("RESULT " + json.dumps({"folders": rows, "augment": aug, "warm_ok": ok}))
+    line = json.dumps({"folders": rows, "augment": aug, "warm_ok": ok})
+    print("RESULT " + line)
+    if args.out:
+        pathlib.Path(args.out).write_text(line + "\n")
     return 0 if ok else 1
 
 

@@ -1,5 +1,6 @@
 """Optimizers, group rules, masked clipping, accumulation, EMA and schedules (tlflax/optim.py)."""
 
+import dataclasses
 import math
 import re
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax import config_lib, optim, schedules, tree
+from tlflax import config_lib, optim, schedules, sharding, state, train, tree
 
 # A small params tree with the leaf kinds the rules care about: kernels, biases, norm scales,
 # a ViT-style position embedding, and a head.
@@ -380,3 +381,75 @@ def test_groups_survive_the_saved_config_json():
     assert phase.lr_fns.keys() == {"rule0", "rest"}
     assert float(phase.lr_fns["rule0"](0)) == pytest.approx(10.0 * config.optim.lr / 5)
     assert not tree.flatten(phase.trainable)["backbone/conv/kernel"]
+
+
+def bn_mode_run(bn_mode: str):
+    """resnet_tiny fully fine-tuned at 16 px, as train.plan builds it, on a one-device mesh."""
+    config = config_lib.get_base_config()
+    config.model.name = "resnet_tiny"
+    config.model.num_classes = 3
+    config.data.image_size = 16
+    config.data.batch_size = 4
+    config.optim.update(name="sgd", strategy="full", lr=0.1)
+    config.train.steps = 10
+    config.train.bn_mode = bn_mode
+    config = config_lib.lock(config)
+    spec = train.build_model(config, num_classes=3)
+    prep = train.resolve_preprocessing(config, spec)
+    run = train.plan(config, num_classes=3, steps_per_epoch=10, prep=prep)
+    return config, dataclasses.replace(run, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
+
+
+def random_variables(run, *, seed: int = 0) -> dict:
+    """Non-zero variables of the model's shapes, from numpy: spec.init compiles for 10+ s on
+    two busy cores, and its zero head and zero last BatchNorm scales pass no gradient to the
+    backbone in the first step."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: run.spec.init(jax.random.key(0), run.prep.resolution))
+    flat = {}
+    for name, s in tree.flatten(shapes).items():
+        if name.endswith("/var"):
+            flat[name] = rng.uniform(0.5, 2.0, s.shape)
+        elif len(s.shape) == 1:  # BatchNorm scales around 1; biases and means around 0
+            flat[name] = rng.normal(1.0 if name.endswith("/scale") else 0.0, 0.3, s.shape)
+        else:
+            flat[name] = rng.normal(0.0, (2 / math.prod(s.shape[:-1])) ** 0.5, s.shape)
+    return tree.unflatten({n: a.astype(np.float32) for n, a in flat.items()})
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen", "train"])
+def test_bn_mode_through_the_trainer_step(bn_mode):
+    """config.train.bn_mode reaches the jitted trainer step: 'frozen' leaves batch_stats
+    bitwise unchanged while a full fine-tune changes every parameter; 'train' updates them."""
+    config, run = bn_mode_run(bn_mode)
+    (phase,) = run.phases
+    assert all(tree.flatten(phase.trainable).values())
+    _, shardings = train.abstract_state(run, phase)
+    variables = random_variables(run)
+    before = {n: np.copy(a) for n, a in tree.flatten(variables).items()}
+    create = lambda v: state.create(variables=v, tx=phase.tx, seed=0)
+    st = jax.jit(create, out_shardings=shardings)(variables)
+    # The trainer's own jitted step: where config.train.bn_mode becomes make_train_step's bn_train.
+    step_fn = train._jit_train_step(config, run, phase, shardings)
+    rng = np.random.default_rng(1)
+    s = run.prep.resize
+    batch = {
+        "image": rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8),
+        "label": np.array([0, 1, 2, 1], np.int32),
+        "mask": np.ones(4, np.bool_),
+    }
+    batch = sharding.host_to_global(batch, sharding.batch_sharding(run.mesh))
+    for _ in range(2):
+        st, metrics = step_fn(st, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(tree.flatten(state.variables_of(st)))
+    assert after.keys() == before.keys()
+    stats = {n for n in before if n.startswith("batch_stats/")}
+    params = set(before) - stats
+    assert len(stats) == 2 * 12 and len(params) == 12 + 2 * 12 + 2  # kernels, BN, head
+    changed = {n for n in before if before[n].tobytes() != after[n].tobytes()}
+    assert params <= changed, sorted(params - changed)
+    if bn_mode == "frozen":  # running statistics used, never updated
+        assert not changed & stats, sorted(changed & stats)
+    else:
+        assert stats <= changed, sorted(stats - changed)

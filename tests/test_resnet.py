@@ -112,7 +112,6 @@ def test_hf_safetensors_parity(hf_case, tmp_path):
 
 
 def test_hf_pytorch_bin_parity(hf_case, tmp_path):
-    pytest.importorskip("tlflax.weights.torchfile", reason="torch file reader not written yet")
     # transformers 5 always saves safetensors; this is the layout of older hub repos.
     torch.save(hf_case["model"].state_dict(), tmp_path / "pytorch_model.bin")
     hf_case["config"].save_pretrained(tmp_path)
@@ -217,7 +216,6 @@ def test_timm_hub_layout_parity(timm_case, tmp_path):
 
 
 def test_timm_torch_save_parity(timm_case, tmp_path):
-    pytest.importorskip("tlflax.weights.torchfile", reason="torch file reader not written yet")
     torch.save(timm_case["model"].state_dict(), tmp_path / "resnet.pth")
     _load_and_compare(timm_case, str(tmp_path / "resnet.pth"), preprocessing=pp.imagenet())
 
@@ -491,6 +489,65 @@ def test_drop_path_only_in_training(tiny, tiny_bn):
     rates = resnet.drop_path_rates(0.3, (1, 2, 1))
     assert [len(r) for r in rates] == [1, 2, 1]
     np.testing.assert_allclose(sum(rates, ()), [0.0, 0.1, 0.2, 0.3])
+
+
+def _random_variables(spec, size: int = 32, *, seed: int = 0) -> dict:
+    """Non-zero variables of the model's shapes, from numpy (no initialiser to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0), size))
+    flat = {
+        n: rng.uniform(0.5, 2.0, a.shape) if n.endswith("/var") else rng.normal(0, 0.3, a.shape)
+        for n, a in tree.flatten(shapes).items()
+    }
+    return tree.unflatten({n: a.astype(np.float32) for n, a in flat.items()})
+
+
+def test_head_hidden_layer_and_dropout():
+    """head_hidden / head_dropout: Dense, ReLU, Dropout on the hidden activations, then the
+    zero-initialised output Dense; dropout only when training."""
+    spec = create_model("resnet_tiny", num_classes=7, head_hidden=16, head_dropout=0.5)
+    shapes = _shapes(spec)
+    head = {k: s for k, s in shapes.items() if k.startswith("params/head/")}
+    assert head == {
+        "params/head/hidden/kernel": (32, 16), "params/head/hidden/bias": (16,),
+        "params/head/out/kernel": (16, 7), "params/head/out/bias": (7,),
+    }  # fmt: skip
+    plain = _shapes(create_model("resnet_tiny", num_classes=7))
+    assert {k: s for k, s in shapes.items() if k not in head} == {
+        k: s for k, s in plain.items() if not k.startswith("params/head/")
+    }
+    feats = np.random.default_rng(0).normal(size=(256, 32)).astype(np.float32)
+    p = spec.module.head.init(jax.random.key(0), feats)["params"]
+    assert not np.any(p["out"]["kernel"]) and not np.any(p["out"]["bias"])
+    assert np.all(np.std(p["hidden"]["kernel"], axis=0) > 0)
+    hidden = np.maximum(feats @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0.0)
+    # An output layer that copies the first 7 hidden units shows the dropout mask itself.
+    p["out"]["kernel"] = np.eye(16, 7, dtype=np.float32)
+    head_fn = jax.jit(
+        lambda x, train, seed: spec.module.head.apply(
+            {"params": p}, x, train=train, rngs={"dropout": jax.random.key(seed)}
+        ),
+        static_argnums=1,
+    )
+    kept = hidden[:, :7]
+    np.testing.assert_allclose(head_fn(feats, False, 0), kept, rtol=1e-5, atol=1e-6)
+    dropped = np.asarray(head_fn(feats, True, 0))
+    np.testing.assert_allclose(dropped[dropped != 0], 2 * kept[dropped != 0], rtol=1e-5)
+    assert abs(np.mean(dropped[kept > 0] == 0) - 0.5) < 0.1  # ~450 units at rate 0.5
+
+    # Through the whole model: `train` reaches the head's dropout, and only it is random.
+    variables = _random_variables(spec)
+    x = jnp.asarray(_images(32, batch=4))
+    model_fn = jax.jit(
+        lambda train, seed: spec.module.apply(
+            variables, x, train=train, rngs={"dropout": jax.random.key(seed)}
+        ),
+        static_argnums=0,
+    )
+    np.testing.assert_array_equal(model_fn(False, 0), model_fn(False, 1))
+    np.testing.assert_array_equal(model_fn(True, 0), model_fn(True, 0))
+    assert _max_diff(model_fn(True, 0), model_fn(True, 1)) > 1e-3
+    assert _max_diff(model_fn(True, 0), model_fn(False, 0)) > 1e-3
 
 
 def test_zero_init_last_starts_blocks_as_identity(tiny):

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +18,7 @@ RESOLUTION = {"resnet_tiny": 32, "vit_tiny": 32}  # the rest at their default (2
 
 
 def make_spec(name: str):
-    try:
-        return create_model(name, num_classes=NUM_CLASSES)
-    except ImportError as e:  # efficientnet_lite.py is still being written: build directly
-        if "efficientnet_lite" not in str(e):
-            raise
-        from tlflax.models import resnet, vit
-        from tlflax.models.heads import Head
-
-        family = resnet if name.startswith("resnet") else vit
-        return family.build(name, head=Head(num_classes=NUM_CLASSES))
+    return create_model(name, num_classes=NUM_CLASSES)
 
 
 def abstract_params(spec):
@@ -78,7 +70,16 @@ def test_linear_probe_on_resnet50_holds_moments_for_the_head_only():
     assert phase.table.splitlines()[1].split()[1:4] == ["head/.*", "head", "2"]
 
 
-@pytest.mark.parametrize("name, k", [("resnet_tiny", 2), ("resnet50", 1), ("vit_tiny", 1)])
+@pytest.mark.parametrize(
+    "name, k",
+    [
+        ("resnet_tiny", 2),
+        ("resnet50", 1),
+        ("vit_tiny", 1),
+        ("efficientnet_lite_tiny", 3),
+        ("efficientnet_lite0", 1),
+    ],
+)
 def test_last_k_trains_the_last_stages_and_the_head(name, k):
     spec = make_spec(name)
     params = abstract_params(spec)
@@ -106,13 +107,17 @@ def expected_mult(spec, name, c) -> float:
     return c.layer_decay ** (spec.n_layers - layer)
 
 
-@pytest.mark.parametrize("name", ["resnet_tiny", "resnet50", "vit_tiny", "vit_b16"])
+FAMILIES = ["resnet_tiny", "resnet50", "vit_tiny", "vit_b16"]
+FAMILIES += ["efficientnet_lite_tiny", "efficientnet_lite0"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("lr_decay", ["layer_decay", "exponential", "linear", "none"])
 def test_discriminative_lr_of_every_leaf_through_the_tx(name, lr_decay):
     spec = make_spec(name)
     params = abstract_params(spec)
     config = configs(name="sgd", momentum=0.0, lr=0.01, strategy="full", lr_decay=lr_decay)
-    config.optim.layer_decay = 0.65
+    config.optim.update(layer_decay=0.65, stage_divisor=2.5, lr_floor_mult=0.01)
     (phase,) = phases_of(config, spec, params)
     # SGD with unit gradients: each update is minus the leaf's effective lr. The tx does
     # not depend on the shapes, so probe with one element per leaf.
@@ -146,6 +151,29 @@ def test_seed_rates():
     (phase,) = phases_of(config, spec, params)
     assert float(phase.lr_fns["head"](0)) == pytest.approx(1e-4)
     assert float(phase.lr_fns["layer00"](0)) == pytest.approx(1e-7)
+
+
+def test_lite_presets_by_name():
+    """EfficientNet-Lite0 (7 block stages of 1-4 blocks): the head conv is the stage below the
+    head; last_k and the exponential / linear rates in the model's own names."""
+    spec = make_spec("efficientnet_lite0")
+    params = abstract_params(spec)
+    (phase,) = phases_of(configs(strategy="last_k", k=2), spec, params)
+    trainable = {n for n, t in tree.flatten(phase.trainable).items() if t}
+    top = r"backbone/(stage7/block1|head_conv|head_bn)/.*|head/out/(kernel|bias)"
+    assert trainable == {n for n in tree.names(params) if re.fullmatch(top, n)}
+    assert len(trainable) == 2 + 3 + 9  # head; head_conv + head_bn; expand, dw, project + bns
+    config = configs(strategy="full", lr_decay="exponential", lr=1e-3, stage_divisor=2.0)
+    (phase,) = phases_of(config, spec, params)
+    assert sorted(phase.lr_fns) == sorted(["head"] + [f"stage{i}" for i in range(9)])
+    assert float(phase.lr_fns["stage8"](0)) == pytest.approx(1e-3 / 2)  # head_conv, head_bn
+    assert float(phase.lr_fns["stage0"](0)) == pytest.approx(1e-3 / 2**9)  # the stem
+    config = configs(strategy="full", lr_decay="linear", lr=1e-3, lr_floor_mult=0.1)
+    (phase,) = phases_of(config, spec, params)
+    assert len(phase.lr_fns) == 16 + 3  # stem, 16 blocks, head_conv, head
+    assert float(phase.lr_fns["layer00"](0)) == pytest.approx(1e-4)
+    assert float(phase.lr_fns["layer09"](0)) == pytest.approx(1e-4 + 9e-4 * 9 / 18)
+    assert float(phase.lr_fns["head"](0)) == pytest.approx(1e-3)
 
 
 def compiled_flops(spec, variables, phase, *, batch: int = 8) -> float:
@@ -294,6 +322,9 @@ def test_bad_configs_fail_before_anything_compiles(values, message, caplog):
         caplog.clear()
         with pytest.raises(ValueError, match=message):
             phases_of(config, spec, params)
+        # The same error from the check the trainer makes before it loads any data.
+        with pytest.raises(ValueError, match=message):
+            optim.check_groups(config.optim, params=params, spec=spec)
     assert not [r for r in caplog.records if "ompil" in r.getMessage()]
 
 

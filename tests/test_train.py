@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,64 @@ def test_eval_and_predict_restore_the_best(finished_run, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith(f"{bad}: cannot read image")
     assert lines[1].startswith(f"{good}: ") and lines[1].count("%") == 3
+
+
+def _colour_folder(root: pathlib.Path) -> dict[str, int]:
+    """train/ and test/ folders of three noisy solid colours (easy, but not at once)."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    sizes = {"train": 16, "test": 5}
+    for split, n in sizes.items():
+        for name, rgb in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.array(rgb) + rng.normal(0, 60, (20, 20, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return {split: n * len(colours) for split, n in sizes.items()}
+
+
+@pytest.mark.slow
+def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsys):
+    """A fine-tune at lr 1 spoils the probe: the best checkpoint (by val top-1) is the one at
+    the phase switch, not the last. `eval --split test` then reads the held-out folder
+    instead of the validation split carved out of train/, and leaves the run's own data
+    report alone."""
+    sizes = _colour_folder(tmp_path / "photos")
+    workdir = tmp_path / "run"
+    flags = [
+        "--config.data.source=folder",
+        f"--config.data.path={tmp_path / 'photos'}",
+        "--config.data.val_fraction=0.25",
+        "--config.data.batch_size=8",
+        "--config.train.eval_every=2",
+        "--config.optim.finetune_lr=1.0",
+    ]
+    _run(_train_cmd(workdir, *flags))
+    top1 = {h["step"]: h["val/top1"] for h in _history(workdir) if "val/top1" in h}
+    assert sorted(top1) == [2, 4, 6, 8]  # a checkpoint with metrics at each of them
+    best = max(top1, key=lambda s: (top1[s], -s))
+    assert best != 8, top1  # else this test would not tell best from latest
+    manifest = (workdir / "data_manifest.json").read_text()
+    n_val = round(0.25 * sizes["train"])
+
+    assert main.main(["tlflax", "eval", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert f"reports in {workdir / f'eval_val_step{best}'}" in out
+    assert f"{100 * top1[best]:.2f} %" in out and f"/{n_val}" in out
+
+    assert main.main(["tlflax", "eval", "--workdir", str(workdir), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert f"/{sizes['test']}" in out
+    report = workdir / f"eval_test_step{best}"
+    assert (
+        json.loads((report / "data_manifest.json").read_text())["splits"]["eval"]["n_images"]
+        == sizes["test"]
+    )
+    assert (workdir / "data_manifest.json").read_text() == manifest
+
+    with pytest.raises(SystemExit, match=r"has no 'nope' folder \(found \['test', 'train'\]\)"):
+        main.main(["tlflax", "eval", "--workdir", str(workdir), "--split", "nope"])
 
 
 # ----------------------------------------------------------------------------- devices
@@ -251,6 +310,21 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
         losses, ref_losses = _train_losses(workdir), _train_losses(reference)
         assert losses == ref_losses  # the replayed steps' records replace the first ones
 
+    # The kill during the first save mostly leaves no complete checkpoint (the rerun starts
+    # from step 0), so resume from inside feature extraction is also tested for certain: the
+    # reference's workdir cut back to its step-2 checkpoint, as if stopped at step 3.
+    cut = tmp_path / "from_step2"
+    shutil.copytree(reference, cut)
+    for path in (cut / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > 2:
+            shutil.rmtree(path)
+    done = _run(_train_cmd(cut))
+    assert "resuming from the checkpoint at step 2" in done.stderr
+    got, last = _final_params(cut)
+    assert last == 8
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=f"from step 2: {key}")
+
 
 # ----------------------------------------------------------------------------- bad input
 
@@ -259,6 +333,27 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     argv = ["tlflax", "train", "--config", TINY, "--workdir", str(tmp_path)]
     assert main.main(argv + ["--config.model.num_clases=3"]) == 2
     assert "num_clases" in capsys.readouterr().err
+
+
+def test_unknown_key_in_a_config_file_is_named(tmp_path, capsys):
+    """The base config is locked before a config file edits it: a typo there is an error
+    that names the key and the file's line, not a new key nobody reads."""
+    cfg = tmp_path / "typo.py"
+    cfg.write_text(
+        "from tlflax import config_lib\n"
+        "def get_config(arg=None):\n"
+        "    c = config_lib.get_base_config()\n"
+        "    c.model.overrides.pool = 'gap'  # family options stay free-form\n"
+        "    c.optim.finetune_epoch = 8.0\n"
+        "    return config_lib.lock(c)\n"
+    )
+    argv = ["tlflax", "train", "--config", str(cfg), "--workdir", str(tmp_path / "w")]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"bad config ({cfg}:5)" in err
+    assert 'Did you mean "finetune_epochs"' in err
+    assert "Other fields present" not in err
+    assert not (tmp_path / "w").exists()
 
 
 def test_num_classes_that_disagrees_with_the_data(tmp_path):
@@ -272,7 +367,26 @@ def test_num_classes_that_disagrees_with_the_data(tmp_path):
         train.setup(config, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optim.strategy": "last_k", "optim.k": 9}, "k=9 but resnet_tiny has 5 stages"),
+        ({"train.bn_mode": "Train"}, "bn_mode='Train'; use one of \\('frozen', 'train'\\)"),
+    ],
+)
+def test_bad_config_fails_before_the_data_is_read(tmp_path, values, message):
+    config = config_lib.get_base_config()
+    config.model.name = "resnet_tiny"
+    config.data.update({"source": "folder", "path": str(tmp_path / "no_such_folder")})
+    config.update_from_flattened_dict(values)
+    with pytest.raises(ValueError, match=message):  # not the DataError about the folder
+        train.setup(config, tmp_path)
+    assert not (tmp_path / "data_manifest.json").exists()
+
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    """Saves every step, logs rarely, keeps 2: the NaN must still be caught before any save,
+    so a finite checkpoint from before the bad step survives retention."""
     config = config_lib.get_base_config()
     config.update_from_flattened_dict(
         {
@@ -284,16 +398,22 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
             "optim.strategy": "full",
             "optim.name": "sgd",
             "optim.lr": 1e30,
-            "train.steps": 6,
-            "train.log_every": 1,
+            "train.steps": 8,
+            "train.log_every": 100,
             "train.checkpoint_every": 1,
-            "train.async_checkpoints": False,
+            "train.keep_last": 2,
+            "train.async_checkpoints": True,
         }
     )
     with pytest.raises(
-        FloatingPointError, match=r"training (loss|grad_norm) is \S+ at step (\d+); stopping"
+        FloatingPointError,
+        match=r"(training (loss|grad_norm) is \S+ at|parameters are not finite after) step \d+",
     ) as info:
         train.train_and_evaluate(config, tmp_path)
-    bad_step = int(info.value.args[0].split("at step ")[1].split(";")[0])
+    message = info.value.args[0]
+    bad_step = int(message.split("step ")[1].split(";")[0])
     ckpts = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-    assert all(step < bad_step for step in ckpts)  # nothing after the bad step was kept
+    assert ckpts, "the last good checkpoint was not kept"
+    assert all(step < bad_step for step in ckpts)  # nothing from the bad step on was kept
+    params, _ = _final_params(tmp_path)
+    assert all(np.isfinite(v).all() for v in params.values())

@@ -266,7 +266,6 @@ def test_hf_safetensors_parity(hf_case, tmp_path):
 
 
 def test_hf_pytorch_bin_parity(hf_case, tmp_path):
-    pytest.importorskip("tlflax.weights.torchfile", reason="torch file reader not written yet")
     # transformers 5 writes safetensors even with safe_serialization=False; older hub repos
     # hold pytorch_model.bin with the same (legacy) names, written here with torch.save.
     hf_case["model"].save_pretrained(tmp_path / "st")

@@ -157,6 +157,110 @@ def test_uncached_hub_id_offline_says_what_and_how(tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" in msg and "local directory" in msg
 
 
+def _hub_online(monkeypatch):
+    """Undo the suite's offline mode (conftest sets it before huggingface_hub is imported)."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def _fake_hub_download(monkeypatch, remote_error):
+    """hf_hub_download that reads the (empty) cache for real and fails every download with
+    `remote_error()`; returns the list of files it was asked to download."""
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+    downloads = []
+
+    def fake(repo_id, filename, *, local_files_only=False, **kw):
+        if local_files_only:
+            return real(repo_id, filename, local_files_only=True, **kw)
+        downloads.append(filename)
+        raise remote_error()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    return downloads
+
+
+def _assert_says_how_to_provide(msg, repo, cache):
+    assert repo in msg and str(cache) in msg and "model.safetensors" in msg
+    assert "HF_HUB_CACHE" in msg and "local directory" in msg and "network" in msg
+
+
+def test_uncached_hub_id_unreachable_fails_once_and_says_what_and_how(tmp_path, monkeypatch):
+    # What huggingface_hub raises once its own retries on a dead connection are spent.
+    from huggingface_hub import errors
+
+    def unreachable():
+        try:
+            raise ConnectionError("[Errno 111] Connection refused")
+        except ConnectionError as e:
+            raise errors.LocalEntryNotFoundError(
+                "An error happened while trying to locate the file on the Hub and we cannot "
+                "find the requested files in the local cache."
+            ) from e
+
+    _hub_online(monkeypatch)
+    downloads = _fake_hub_download(monkeypatch, unreachable)
+    with pytest.raises(WeightsNotFoundError) as e:
+        sources.resolve("hf:microsoft/resnet-50", cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert len(downloads) == 1, f"kept trying after the hub was unreachable: {downloads}"
+    _assert_says_how_to_provide(msg, "microsoft/resnet-50", tmp_path)
+    assert "could not be reached" in msg and "Connection refused" in msg
+    assert "holds no weight file" not in msg
+
+
+def test_uncached_hub_id_against_a_refused_port_fails_once(tmp_path, monkeypatch):
+    """The real huggingface_hub stack, with HF_ENDPOINT on a loopback port that refuses."""
+    import socket
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    with socket.socket() as bound_not_listening:  # connecting to it is refused at once
+        bound_not_listening.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{bound_not_listening.getsockname()[1]}"
+        _hub_online(monkeypatch)
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(
+            constants,
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        )
+        monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub's own backoff
+        real, downloads = huggingface_hub.hf_hub_download, []
+
+        def counting(repo_id, filename, **kw):
+            if not kw.get("local_files_only"):
+                downloads.append(filename)
+            return real(repo_id, filename, **kw)
+
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", counting)
+        with pytest.raises(WeightsNotFoundError) as e:
+            sources.resolve("hf:microsoft/resnet-50", cache_dir=str(tmp_path))
+    assert len(downloads) == 1, downloads
+    _assert_says_how_to_provide(str(e.value), "microsoft/resnet-50", tmp_path)
+    assert "could not be reached" in str(e.value)
+
+
+def test_hub_repo_without_readable_weights_is_not_called_unreachable(tmp_path, monkeypatch):
+    from huggingface_hub import errors
+
+    _hub_online(monkeypatch)
+    downloads = _fake_hub_download(monkeypatch, lambda: errors.EntryNotFoundError("404"))
+    with pytest.raises(WeightsNotFoundError) as e:
+        sources.resolve("hf:org/no-weights", cache_dir=str(tmp_path))
+    msg = str(e.value)
+    assert downloads == [*sources.INDEX_FILES, *sources.WEIGHT_FILES]
+    assert "holds no weight file tlflax reads" in msg and "could not be reached" not in msg
+    assert "org/no-weights" in msg and "local directory" in msg
+
+
 def test_missing_path_and_unknown_wheel_are_clear(tmp_path):
     with pytest.raises(WeightsNotFoundError, match="neither an existing file"):
         sources.resolve(str(tmp_path / "nope.safetensors"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -42,31 +44,75 @@ def load_run(workdir: pathlib.Path):
     return config, run, classes
 
 
-def restore_best(config, run, workdir: pathlib.Path):
+def restore_best(config, run, workdir: pathlib.Path, step: int | None = None):
+    """The best checkpoint by validation top-1 (the latest when none has metrics)."""
     ckpt = train.open_checkpointer(config, workdir)
-    step = ckpt.best_step()
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise SystemExit(f"{workdir}/checkpoints holds no complete checkpoint")
+    step = best_step(ckpt, workdir) if step is None else step
     st = train.restore(run, ckpt, step)
     ckpt.close()
     return st, step
 
 
+def best_step(ckpt, workdir: pathlib.Path) -> int:
+    step = ckpt.best_step()
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise SystemExit(f"{workdir}/checkpoints holds no complete checkpoint")
+    return step
+
+
+def with_eval_split(config, split: str):
+    """The run's config, evaluating on `split`: a TFDS split string, or a sub-folder of the
+    image root (a run that carved its validation split out of train can still be evaluated
+    on a held-out folder such as test/)."""
+    source = config.data.source
+    if source == "digits":
+        raise SystemExit("tlflax eval --split: the digits source has one split (carved); drop it")
+    config.data.eval_split = split
+    if source == "folder":
+        root = pathlib.Path(config.data.path).expanduser()
+        if not (root / split).is_dir():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise SystemExit(
+                f"tlflax eval --split {split}: {root} has no {split!r} folder (found {found[:8]})"
+            )
+        if not (root / config.data.train_split).is_dir():
+            raise SystemExit(
+                f"tlflax eval --split {split}: {root} holds class folders, not "
+                f"{config.data.train_split}/ and {split}/ splits; only its carved validation "
+                "split can be evaluated (drop --split)"
+            )
+        config.data.val_fraction = 0.0  # the named folder, not the carved split
+    return config
+
+
 def cmd_eval(flags, config_unused, positional) -> int:
     workdir = pathlib.Path(_need(flags.workdir, "workdir", "eval"))
-    config, run, _ = load_run(workdir)
+    config, saved_run, classes = load_run(workdir)
     if flags.split:
-        config.data.eval_split = flags.split
-    run = train.setup(config, workdir)
-    st, step = restore_best(config, run, workdir)
+        config = with_eval_split(config, flags.split)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", flags.split).strip("_") or "split"
+    else:
+        name = "val" if config.data.val_fraction > 0 else config.data.eval_split
+    ckpt = train.open_checkpointer(config, workdir)
+    step = best_step(ckpt, workdir)
+    ckpt.close()
+    out = workdir / f"eval_{name}_step{step}"
+    # The data report of this evaluation goes with its results; the run's own stays.
+    data_run = train.setup(config, workdir, manifest_dir=out)
+    if data_run.datasets.class_names != classes:
+        raise SystemExit(
+            f"tlflax eval: the data's classes {data_run.datasets.class_names[:10]} are not the "
+            f"run's {classes[:10]} (classes.json)"
+        )
+    # The run's own plan (run.json) places `step` in its phase, whatever this data's size.
+    run = dataclasses.replace(saved_run, datasets=data_run.datasets)
+    st, step = restore_best(config, run, workdir, step)
     result = train.run_eval(train.make_eval_fn(run), st, run)
-    split = config.data.eval_split or "eval"
-    out = workdir / f"eval_{split}_step{step}"
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
         {
-            "split": split,
+            "split": flags.split or name,
             "step": step,
             "top1": f"{100 * result.top1:.2f} %",
             "errors": f"{result.n_errors}/{result.n}",

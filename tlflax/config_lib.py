@@ -1,8 +1,9 @@
 """The base config: every key tlflax reads, its default and what it means.
 
-Experiment files in configs/ start from `get_base_config()`, change what they
-need and return `lock(config)`. Locked configs reject unknown keys, so a typo in a
-config file or a `--config.x=y` flag is an error that names the key. Code reads
+Experiment files in configs/ start from `get_base_config()` (already locked, but for
+`model.overrides`), change what they need and return `lock(config)`. Locked configs
+reject unknown keys, so a typo in a config file or a `--config.x=y` flag is an error
+that names the key. Code reads
 `config.x`, never `config.get('x', default)`: the default lives here only.
 
 Each section is built by its own function below.
@@ -25,6 +26,10 @@ def get_base_config() -> ConfigDict:
     config.aug = _aug_config()
     config.optim = _optim_config()
     config.train = _train_config()
+    # Locked from the start: a typo in a config file (`c.optim.finetune_epoch = 8`) is an
+    # error naming the key, not a new key nobody reads. Family options stay free-form.
+    config.lock()
+    config.model.overrides.unlock()
     return config
 
 

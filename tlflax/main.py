@@ -9,7 +9,9 @@ tlflax inspect MODEL [--weights SRC] [--config configs/X.py] [--num_classes N]
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -37,6 +39,20 @@ def _usage() -> str:
     return (__doc__ or "").strip()
 
 
+def _where(error: BaseException) -> str:
+    """' (file:line)' in the config file's get_config(), if the error passed through it."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"]
+    return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def _short(error: BaseException) -> str:
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    # ml_collections lists every field of the section; its "Did you mean" line is the news.
+    return re.sub(r' Other fields present: ".*?"(?=\nDid you mean|$)', "", text, flags=re.S)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -57,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         positional = FLAGS(argv)[1:]
     except flags.Error as e:
         print(f"tlflax {command}: {e}", file=sys.stderr)
+        return 2
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # Raised while the config file's get_config() ran: a key that does not exist (the
+        # base config is locked), a bad :ARGS value. Say where, without ml_collections' dump.
+        print(f"tlflax {command}: bad config{_where(e)}: {_short(e)}", file=sys.stderr)
         return 2
     from tlflax import cli  # heavy imports (jax) only after the flags parse
 

@@ -329,6 +329,25 @@ def make_phases(
     ]
 
 
+def check_groups(optim_config, *, params, spec) -> None:
+    """make_phases' checks that need the model but not the data (its size sets the phase
+    lengths): the trainer runs them before it loads the data, so that a bad strategy, k or
+    rule fails in seconds, not after the images are decoded."""
+    c = optim_config
+    validate(c)
+    names = tree.names(params)
+    if not c.strategy:
+        assign(parse_rules(c.groups), names, where="config.optim.groups")
+        return
+    for strategy, decay in (
+        [("linear_probe", "none"), (c.finetune, c.lr_decay)]
+        if c.strategy == "two_phase"
+        else [(c.strategy, c.lr_decay)]
+    ):
+        groups = strategy_groups(strategy, c, spec=spec, names=names, lr_decay=decay)
+        assign(parse_rules(groups), names, where=f"strategy {strategy!r}")
+
+
 def _plans(c, *, spec, names, spe: int, total: int) -> list[_Plan]:
     if not c.strategy:
         return [_Plan("custom", 0, total, tuple(c.groups), c.name, c.lr)]

@@ -109,15 +109,18 @@ def build_model(config, *, num_classes: int):
     )
 
 
-def setup(config, workdir: pathlib.Path) -> Run:
+def setup(config, workdir: pathlib.Path, *, manifest_dir=None) -> Run:
+    """Data and plan; the data report goes to manifest_dir (default: the workdir)."""
     spec_probe = build_model(config, num_classes=max(1, config.model.num_classes))
     prep = resolve_preprocessing(config, spec_probe)
+    check_config(config, spec_probe, prep)  # before the data: seconds, not minutes
     datasets = data.build_datasets(
         config.data,
         image_size=prep.resolution,
         resize=prep.resize,
         seed=config.seed,
         workdir=str(workdir),
+        manifest_dir=None if manifest_dir is None else str(manifest_dir),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -138,9 +141,22 @@ def setup(config, workdir: pathlib.Path) -> Run:
     )
 
 
+BN_MODES = ("frozen", "train")
+
+
+def check_config(config, spec, prep) -> None:
+    """What can be checked from the config and the model alone."""
+    if config.train.bn_mode not in BN_MODES:
+        raise ValueError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
+    params = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))["params"]
+    optim.check_groups(config.optim, params=params, spec=spec)
+
+
 def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None) -> Run:
     """Model, phases and mesh: everything but the data (eval / predict rebuild it from run.json)."""
     spec = build_model(config, num_classes=num_classes)
+    if config.train.bn_mode not in BN_MODES:
+        raise ValueError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
     mesh = sharding.make_mesh(data=config.train.mesh_data, model=config.train.mesh_model)
     total = optim.total_steps(
         config.optim, steps_per_epoch=steps_per_epoch, train_config=config.train
@@ -371,7 +387,15 @@ def train_and_evaluate(config, workdir) -> dict:
     st, shardings = init_or_restore(config, run, ckpt)
     eval_fn = make_eval_fn(run)
     step = int(jax.device_get(st.step))
-    phase_results = _train_loop(config, run, st, shardings, ckpt, writer, eval_fn, step)
+    try:
+        phase_results = _train_loop(config, run, st, shardings, ckpt, writer, eval_fn, step)
+    except BaseException:
+        # A save already under way holds a good state: let it complete before stopping.
+        try:
+            ckpt.wait()
+        except Exception:  # noqa: BLE001 (the original error is the one to report)
+            log.exception("waiting for the last checkpoint save failed")
+        raise
     st = phase_results.pop("_state")
     ckpt.wait()
     final = phase_results.get(run.phases[-1].name) or run_eval(eval_fn, st, run)
@@ -401,7 +425,11 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
         st, metrics = train_step(st, batch)
         pending.append(metrics)
         step += 1
-        if step % log_every == 0 or step % spe == 0 or step == total:
+        phase_end = step == run.phases[phase_idx].end_step
+        save_now = step % ckpt_every == 0 or step == total or phase_end
+        # A save is preceded by a flush, so that no step with a non-finite loss or gradient
+        # norm is ever checkpointed (retention could otherwise delete the last good one).
+        if step % log_every == 0 or step % spe == 0 or save_now:
             scalars = _flush_train_metrics(
                 pending,
                 first_step=first,
@@ -412,7 +440,6 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
             )
             bar.update(step, loss=scalars["train/loss"])
             pending, first = [], step
-        phase_end = step == run.phases[phase_idx].end_step
         val = None
         if step % eval_every == 0 or step == total or phase_end:
             val = run_eval(eval_fn, st, run)
@@ -427,7 +454,8 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
                 shardings = shardings_for(st, run)
                 train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
                 log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
-        if step % ckpt_every == 0 or step == total or phase_end:
+        if save_now:
+            check_finite_state(st, step)
             ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
         if not pending:  # the interval after a flush times training only, not eval / saves
             t0 = time.time()
@@ -436,6 +464,22 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
     bar.close()
     results["_state"] = st
     return results
+
+
+@jax.jit
+def _state_is_finite(trees) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def check_finite_state(st, step: int) -> None:
+    """Before a save: finite losses and gradient norms can still give an overflowed update."""
+    if not bool(jax.device_get(_state_is_finite((st.params, st.batch_stats)))):
+        raise NonFiniteLossError(
+            f"the parameters are not finite after step {step}; stopping without saving it. "
+            "The checkpoints before it stay valid; lower the learning rate or enable "
+            "optim.grad_clip_norm and resume"
+        )
 
 
 def train_batches(run: Run, *, start_step: int):
@@ -468,6 +512,7 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> d
                     "strategy": name,
                     "accuracy": f"{100 * result.top1:.2f} %",
                     "errors": f"{result.n_errors}/{result.n}",
+                    "val/top1": result.top1,
                 }
             )
     history = metrics_io.read_history(workdir)

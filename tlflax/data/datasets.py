@@ -41,10 +41,15 @@ def build_datasets(
     resize: int,
     seed: int,
     workdir,
+    manifest_dir=None,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Datasets:
-    """Images stored at `resize` x `resize` (short side resized, centre-cropped), uint8."""
+    """Images stored at `resize` x `resize` (short side resized, centre-cropped), uint8.
+
+    The cache lives in data_config.cache_dir or workdir/cache; the report (MANIFEST) goes
+    to manifest_dir, by default the workdir.
+    """
     if not 0 < image_size <= resize:
         raise ValueError(
             f"build_datasets: need 0 < image_size <= resize, got {image_size}, {resize}"
@@ -80,7 +85,7 @@ def build_datasets(
         raise
     finally:
         if process_index == 0:
-            write_manifest(workdir, manifest)
+            write_manifest(manifest_dir or workdir, manifest)
     return Datasets(class_names, train, evals, manifest)
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 # In the order they are preferred when a repo holds several.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
@@ -125,39 +126,80 @@ def hub_offline() -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+class _HubUnreachable(Exception):
+    """A download could not reach the hub (no network, refused, timed out, hub down, proxy)."""
+
+    def __init__(self, filename: str, error: BaseException):
+        super().__init__(filename, error)
+        self.filename, self.error = filename, error
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What "could not connect" looks like, raised past hf_hub_download, in huggingface_hub's
+    HTTP stacks (httpx2 from 2.x, httpx in 1.x, requests in 0.x); OfflineModeIsEnabled is a
+    ConnectionError. Most connection failures arrive as LocalEntryNotFoundError instead."""
+    found = [ConnectionError, TimeoutError]
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        for name in names:
+            cls = getattr(sys.modules.get(module), name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                found.append(cls)
+    return tuple(found)
+
+
 def _from_hub(source: str, repo: str, *, cache_dir: str | None, origin: str) -> Checkpoint:
-    from huggingface_hub import errors, hf_hub_download
+    import huggingface_hub
+    from huggingface_hub import errors
 
     def fetch(filename: str, *, local_only: bool) -> pathlib.Path | None:
+        """The file's path; None when it is not cached (local_only) or the repo lacks it.
+        Raises _HubUnreachable when a download could not reach the hub."""
         try:
             return pathlib.Path(
-                hf_hub_download(
+                huggingface_hub.hf_hub_download(
                     repo, filename, cache_dir=cache_dir or None, local_files_only=local_only
                 )
             )
-        except (errors.EntryNotFoundError, errors.LocalEntryNotFoundError):
-            return None
+        except errors.LocalEntryNotFoundError as e:
+            # Not in the cache, and (when downloading) the hub could not be asked: no network,
+            # refused, timed out, hub down, or huggingface_hub's own offline mode.
+            if local_only:
+                return None
+            raise _HubUnreachable(filename, e) from e
+        except errors.EntryNotFoundError:
+            return None  # the hub answered: the repo has no such file (404)
+        except _connection_errors() as e:
+            if local_only:
+                raise
+            raise _HubUnreachable(filename, e) from e
 
-    tried_download = None
+    error = None
     for local_only in (True, False):
         if not local_only and hub_offline():
             break
         try:
             weights = _hub_weight_files(fetch, local_only=local_only)
+            if weights:
+                config = fetch("config.json", local_only=local_only)
+                prep = fetch("preprocessor_config.json", local_only=local_only)
+                return Checkpoint(
+                    source,
+                    weights,
+                    _read_json(config) if config else None,
+                    _read_json(prep) if prep else None,
+                    origin,
+                )
+        except _HubUnreachable as e:
+            message = _hub_missing_message(source, repo, cache_dir, e)
+            raise WeightsNotFoundError(message) from e.error
         except (errors.HfHubHTTPError, errors.RepositoryNotFoundError, OSError) as e:
-            tried_download = e
+            error = e  # the hub answered with an error: repo missing, gated, token ...
             break
-        if weights:
-            config = fetch("config.json", local_only=local_only)
-            prep = fetch("preprocessor_config.json", local_only=local_only)
-            return Checkpoint(
-                source,
-                weights,
-                _read_json(config) if config else None,
-                _read_json(prep) if prep else None,
-                origin,
-            )
-    raise WeightsNotFoundError(_hub_missing_message(source, repo, cache_dir, tried_download))
+    raise WeightsNotFoundError(_hub_missing_message(source, repo, cache_dir, error)) from error
 
 
 def _hub_weight_files(fetch, *, local_only: bool) -> list[pathlib.Path]:
@@ -175,20 +217,34 @@ def _hub_weight_files(fetch, *, local_only: bool) -> list[pathlib.Path]:
     return []
 
 
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    cause = error.__cause__ or error.__context__
+    return f"{text} ({type(cause).__name__}: {cause})" if cause is not None else text
+
+
 def _hub_missing_message(source, repo, cache_dir, error) -> str:
     from huggingface_hub import constants
 
     where = cache_dir or constants.HF_HUB_CACHE
-    why = (
-        "HF_HUB_OFFLINE is set, so nothing is downloaded"
-        if hub_offline()
-        else f"downloading failed ({type(error).__name__}: {error})"
-        if error
-        else "the repo holds no weight file tlflax reads"
-    )
+    if hub_offline():
+        why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    elif isinstance(error, _HubUnreachable):
+        why = (
+            f"the hub could not be reached to download them (asking for {error.filename!r}: "
+            f"{_describe(error.error)}), so no other file was tried"
+        )
+    elif error is not None:
+        why = f"downloading failed ({type(error).__name__}: {error})"
+    else:
+        why = (
+            "the hub repo holds no weight file tlflax reads "
+            f"(it has none of {', '.join(INDEX_FILES + WEIGHT_FILES)})"
+        )
     return (
         f"weights {source!r}: hub repo {repo!r} has none of {', '.join(WEIGHT_FILES)} "
-        f"in the cache {where}, and {why}. To provide them: download on a machine with "
-        f"network (`huggingface-cli download {repo}`) and copy the cache (set HF_HUB_CACHE "
-        "or weights.cache_dir to it), or point weights.source at a local directory or file."
+        f"(nor a sharded index) in the cache {where}, and {why}. To provide them: run once "
+        f"with network access (HF_HUB_OFFLINE unset), or download on a machine with network "
+        f"(`hf download {repo}`) and copy that cache to this machine (set HF_HUB_CACHE or "
+        "weights.cache_dir to it), or point weights.source at a local directory or file."
     )
