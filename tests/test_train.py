@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import socket
@@ -109,6 +110,14 @@ def test_run_writes_the_record_and_reports(finished_run):
     lrs = [h for h in _history(workdir) if any(k.startswith("lr/") for k in h)]
     assert {"lr/head"} <= set(lrs[0]) and "lr/stage0" in lrs[-1]
     assert all("train/images_per_sec" in h for h in _history(workdir) if "train/loss" in h)
+    evals = {h["step"]: h for h in _history(workdir) if "val/top1" in h}
+    assert sorted(evals) == [4, 8]  # eval_every=4
+    assert all(0 <= e["val/top1"] <= e["val/top5"] <= 1 for e in evals.values())
+    best = max(evals.values(), key=lambda h: h["val/top1"])
+    assert summary["best"]["val/top1"] == best["val/top1"] and summary["best_step"] in evals
+    assert summary["final"]["val/top5"] == evals[8]["val/top5"]
+    assert re.fullmatch(r"[0-9a-f]{8,64}", summary["config_hash"])
+    assert summary["wall_time_s"] > 0 and summary["steps_per_epoch"] >= 1
 
 
 def test_eval_and_predict_restore_the_best(finished_run, tmp_path, capsys):
@@ -190,14 +199,23 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
 
 @pytest.mark.slow
 def test_one_device_and_eight_give_the_same_loss_curve(tmp_path):
+    """1 device; 8 on the data axis; 4 data x 2 model with the large leaves split (resnet_tiny
+    has none of the default 2**18 values, hence shard_min_size=1024)."""
     steps = ["--config.optim.probe_steps=10", "--config.optim.finetune_steps=10"]
-    one, eight = tmp_path / "one", tmp_path / "eight"
-    _run(_train_cmd(one, *steps, "--config.train.eval_every=20"), n_devices=1)
-    _run(_train_cmd(eight, *steps, "--config.train.eval_every=20"), n_devices=8)
-    a, b = _train_losses(one), _train_losses(eight)
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    diff = max(abs(a[s] - b[s]) for s in a)
-    assert diff <= 1e-4, (diff, a, b)
+    steps += ["--config.train.eval_every=20"]
+    one, eight, split = tmp_path / "one", tmp_path / "eight", tmp_path / "split"
+    _run(_train_cmd(one, *steps), n_devices=1)
+    _run(_train_cmd(eight, *steps), n_devices=8)
+    mesh = ["--config.train.mesh_model=2", "--config.train.shard_min_size=1024"]
+    done = _run(_train_cmd(split, *steps, *mesh), n_devices=8)
+    layout = re.search(r"mesh (\{.*?\}); parameters split over 'model': (\d+) of", done.stderr)
+    assert layout, done.stderr[-3000:]
+    assert layout.group(1) == "{'data': 4, 'model': 2}" and int(layout.group(2)) >= 5
+    a, b, c = _train_losses(one), _train_losses(eight), _train_losses(split)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 21))
+    for other in (b, c):
+        diff = max(abs(a[s] - other[s]) for s in a)
+        assert diff <= 1e-4, (diff, a, other)
     assert a[20] < a[1]  # it learns, so the curves compared are not flat
 
 

@@ -171,6 +171,7 @@ def _train_config() -> ConfigDict:
     c.async_checkpoints = True  # save in the background while training goes on
     c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
     c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)
+    c.shard_min_size = 2**18  # with mesh_model > 1: leaves this large (and 2-D+) are split
     c.distributed = False  # jax.distributed.initialize() (TPU VMs, multi-GPU hosts)
     # Elsewhere (CPU processes, bare GPU hosts) say where and who; '' / 0 / -1: auto-detect.
     c.coordinator_address = ""  # 'host:port' of process 0

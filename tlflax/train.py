@@ -81,6 +81,7 @@ class Run:
     total_steps: int
     global_batch: int
     eval_batch: int
+    shard_min_size: int = 2**18  # smaller leaves stay replicated over the 'model' axis
 
 
 def resolve_preprocessing(config, spec) -> pp.Preprocessing:
@@ -171,7 +172,18 @@ def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None)
     )
     global_batch = config.data.batch_size
     eval_batch = config.data.eval_batch_size or global_batch
-    return Run(spec, prep, datasets, phases, mesh, steps_per_epoch, total, global_batch, eval_batch)
+    return Run(
+        spec,
+        prep,
+        datasets,
+        phases,
+        mesh,
+        steps_per_epoch,
+        total,
+        global_batch,
+        eval_batch,
+        shard_min_size=config.train.shard_min_size,
+    )
 
 
 def check_num_classes(config, datasets) -> int:
@@ -223,7 +235,7 @@ def abstract_state(run: Run, phase):
             variables=run.spec.init(jax.random.key(0), run.prep.resolution), tx=phase.tx, seed=0
         )
     )
-    shardings = sharding.param_shardings(shapes, run.mesh)
+    shardings = sharding.param_shardings(shapes, run.mesh, min_size=run.shard_min_size)
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     ), shardings
@@ -385,6 +397,7 @@ def train_and_evaluate(config, workdir) -> dict:
     writer = metrics_io.MetricWriter(workdir, is_primary=jax.process_index() == 0)
     ckpt = open_checkpointer(config, workdir)
     st, shardings = init_or_restore(config, run, ckpt)
+    log_layout(run, st.params, shardings.params)
     eval_fn = make_eval_fn(run)
     step = int(jax.device_get(st.step))
     try:
@@ -497,8 +510,28 @@ def _val_scalars(result, **extra) -> dict:
     return {"val/loss": result.loss, "val/top1": result.top1, "val/top5": result.top5, **extra}
 
 
+def log_layout(run: Run, params, param_shardings) -> None:
+    leaves = jax.tree_util.tree_leaves(params)
+    split = [
+        leaf
+        for leaf, sh in zip(leaves, jax.tree_util.tree_leaves(param_shardings), strict=True)
+        if sharding.MODEL in sh.spec
+    ]
+    log.info(
+        "mesh %s; parameters split over '%s': %d of %d leaves, %s of %s values",
+        dict(run.mesh.shape),
+        sharding.MODEL,
+        len(split),
+        len(leaves),
+        f"{sum(x.size for x in split):,}",
+        f"{sum(x.size for x in leaves):,}",
+    )
+
+
 def shardings_for(st, run: Run):
-    return sharding.param_shardings(jax.eval_shape(lambda: st), run.mesh)
+    return sharding.param_shardings(
+        jax.eval_shape(lambda: st), run.mesh, min_size=run.shard_min_size
+    )
 
 
 def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DECODE_VERSION = 1  # bump when the pixels this module produces change (invalidates caches)
+_EXIF_ORIENTATION = 0x0112
 _DRAFT_GAP = 2.0  # draft never shrinks a JPEG below this multiple of the target size
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -105,7 +106,8 @@ def _decode_open_image(img: Image.Image, *, path, resize: int, max_pixels: int) 
         target = int(resize * _DRAFT_GAP)
         img.draft(img.mode, (target, target))  # both sides >= target after the DCT scaling
     img.load()
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+        img = ImageOps.exif_transpose(img)
     return resize_centre_crop(to_rgb(img), resize=resize)
 
 
