@@ -31,6 +31,10 @@ def test_inspect_counts_every_parameter(capsys):
     assert _total(out, "Total params") == n_params
     assert _total(out, "Non-trainable state") == n_stats
     assert "backbone/stem/conv" in out and "head/out" in out and "kernel(32, 7)" in out
+    # Without --config: the base config's freezing (a linear probe), and it says so.
+    assert "the base config's optim.strategy='linear_probe'" in out
+    assert _total(out, "Trainable params") == 32 * 7 + 7
+    assert _total(out, "Frozen params") == n_params - (32 * 7 + 7)
 
 
 def test_inspect_with_a_config_shows_the_rules_and_what_trains(capsys):

@@ -12,7 +12,6 @@ import numpy as np
 
 from tlflax import config_lib, data, evaluate, optim, state, train, tree
 from tlflax import preprocessing as pp
-from tlflax.models import create_model
 
 
 def _need(value, flag: str, command: str):
@@ -158,12 +157,17 @@ def cmd_predict(flags, config_unused, positional) -> int:
 def cmd_inspect(flags, config, positional) -> int:
     if len(positional) != 1 and config is None:
         raise SystemExit("tlflax inspect: give a MODEL name (or --config)")
-    if config is not None:
-        name = positional[0] if positional else config.model.name
-        num_classes = config.model.num_classes or flags.num_classes
-        spec = create_model(name, num_classes=num_classes, **dict(config.model.overrides))
-    else:
-        spec = create_model(positional[0], num_classes=flags.num_classes)
+    if config is None:
+        # Freezing as a run with no config of its own would have it: the base config's.
+        config = config_lib.get_base_config()
+        print(
+            f"trainable / frozen: the base config's optim.strategy={config.optim.strategy!r}; "
+            "--config CFG shows a run's rules"
+        )
+    if positional:
+        config.model.name = positional[0]
+    num_classes = config.model.num_classes or flags.num_classes
+    spec = train.build_model(config, num_classes=num_classes)
     variables = jax.eval_shape(lambda: spec.init(jax.random.key(0)))
     if flags.weights:
         from tlflax import weights as weights_lib
@@ -171,25 +175,21 @@ def cmd_inspect(flags, config, positional) -> int:
         concrete = spec.init(jax.random.key(0))
         # The new head is replaced, as in training (its size is --num_classes, not the
         # checkpoint's); everything else must come from the checkpoint.
-        reinit = tuple(config.weights.reinit) if config is not None else ("head/.*",)
+        reinit = tuple(config.weights.reinit)
         loaded = weights_lib.load_pretrained(spec, flags.weights, variables=concrete, reinit=reinit)
         variables = loaded.variables
         print(f"weights {flags.weights}: {loaded.report.summary()}")
         print(f"preprocessing: {loaded.preprocessing}")
-    trainable = None
-    if config is not None:
-        phases = optim.make_phases(
-            config.optim,
-            params=variables["params"],
-            spec=spec,
-            steps_per_epoch=1,
-            total_steps=optim.total_steps(
-                config.optim, steps_per_epoch=1, train_config=config.train
-            ),
-        )
-        for phase in phases:
-            print(f"phase {phase.name}:\n{phase.table}\n")
-        trainable = tree.flatten(phases[0].trainable)
+    phases = optim.make_phases(
+        config.optim,
+        params=variables["params"],
+        spec=spec,
+        steps_per_epoch=1,
+        total_steps=optim.total_steps(config.optim, steps_per_epoch=1, train_config=config.train),
+    )
+    for phase in phases:
+        print(f"phase {phase.name}:\n{phase.table}\n")
+    trainable = tree.flatten(phases[0].trainable)
     print(summary_table(variables, trainable=trainable, name=spec.name))
     return 0
 
@@ -197,7 +197,8 @@ def cmd_inspect(flags, config, positional) -> int:
 def summary_table(variables, *, trainable=None, name="") -> str:
     """Keras' model.summary(), per module: path, parameter shapes, count, trainable."""
     modules: dict[str, list] = {}
-    for collection, sub in variables.items():
+    order = sorted(variables, key=lambda c: c != "params")  # params first, then state
+    for collection, sub in ((c, variables[c]) for c in order):
         for leaf_name, leaf in tree.flatten(sub).items():
             module, _, param = leaf_name.rpartition("/")
             modules.setdefault(module, []).append((collection, param, leaf_name, leaf))
@@ -219,9 +220,9 @@ def summary_table(variables, *, trainable=None, name="") -> str:
                 totals["frozen"] += n
         rows.append((module, shapes, count, "/".join(sorted(k for k in kinds if k))))
     width = max(len(r[0]) for r in rows)
-    lines = [f"Model: {name}", f"{'module':<{width}}  {'params':>11}  {'':9}  shapes"]
+    lines = [f"Model: {name}", f"{'module':<{width}}  {'params':>11}  {'status':12}  shapes"]
     for module, shapes, count, kind in rows:
-        lines.append(f"{module:<{width}}  {count:>11,}  {kind:9}  {shapes}")
+        lines.append(f"{module:<{width}}  {count:>11,}  {kind:12}  {shapes}")
     n_params = totals["trainable"] + totals["frozen"]
     lines.append(f"Total params: {n_params:,}")
     if trainable is not None:
