@@ -194,6 +194,23 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
         main.main(["tlflax", "eval", "--workdir", str(workdir), "--split", "nope"])
 
 
+@pytest.mark.slow
+def test_bfloat16_compute_keeps_float32_parameters(finished_run, tmp_path):
+    """model.compute_dtype='bfloat16': the step computes in bf16, the checkpointed parameters,
+    BatchNorm statistics and the loss curve stay float32 and near the float32 run's."""
+    reference, _ = finished_run
+    workdir = tmp_path / "bf16"
+    _run(_train_cmd(workdir, "--config.model.compute_dtype=bfloat16"))
+    params, step = _final_params(workdir)
+    assert step == 8
+    assert {str(v.dtype) for v in params.values()} == {"float32"}
+    fp32, bf16 = _train_losses(reference), _train_losses(workdir)
+    assert sorted(bf16) == sorted(fp32) == list(range(1, 9))
+    assert bf16[1] == pytest.approx(math.log(10), abs=1e-5)  # zero head: logits exactly 0
+    diffs = {s: abs(bf16[s] - fp32[s]) for s in fp32}
+    assert 0 < max(diffs.values()) < 0.05, diffs  # bf16 really ran, and stayed close
+
+
 # ----------------------------------------------------------------------------- devices
 
 
