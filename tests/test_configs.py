@@ -52,6 +52,15 @@ def test_config_arguments_are_checked():
     assert load(folder, "path=/x,val_fraction=0.2,aug=false").data.val_fraction == 0.2
 
 
+def test_folder_config_carves_a_validation_split_only_when_the_folder_has_none(tmp_path):
+    folder = next(p for p in CONFIGS if p.name == "folder.py")
+    for name in ("train/cat", "test/cat", "photos/cat", "photos/dog"):
+        (tmp_path / name).mkdir(parents=True)
+    assert load(folder, f"path={tmp_path}").data.val_fraction == 0.0  # train/ + test/
+    assert load(folder, f"path={tmp_path / 'photos'}").data.val_fraction == 0.2
+    assert load(folder, f"path={tmp_path / 'photos'},val_fraction=0.3").data.val_fraction == 0.3
+
+
 def test_parse_arg_types():
     got = config_lib.parse_arg(
         "n=3,x=0.5,runlocal,name=a b", {"n": 1, "x": 0.0, "runlocal": False, "name": ""}
