@@ -1,6 +1,7 @@
 """`tlflax inspect` and the command line's own errors."""
 
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -63,3 +64,25 @@ def test_unknown_command_and_missing_flags(capsys):
         main.main(["tlflax", "train", "--config", TINY])
     with pytest.raises(SystemExit, match="holds no config.json"):
         main.main(["tlflax", "eval", "--workdir", "/nonexistent/run"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--config", "configs/folder.py:path=/x,val_fraction=abc"],
+            r"bad config \(configs/folder.py:\d+\): config argument val_fraction='abc'",
+        ),
+        (
+            ["--config", "configs/folder.py:pth=/x"],
+            r"bad config \(configs/folder.py:\d+\): config argument 'pth' is unknown",
+        ),
+        (["--config", "/nonexistent/config.py"], r"No such file or directory"),
+    ],
+)
+def test_config_errors_are_one_clear_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    assert main.main(["tlflax", "train", *argv, "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "w").exists()

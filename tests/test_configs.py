@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import shutil
 
 import pytest
+from PIL import Image
 
 from tlflax import config_lib, train
+from tlflax.data import build_datasets
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 ARGS = {"folder.py": "path=/data/photos"}
@@ -53,12 +56,28 @@ def test_config_arguments_are_checked():
 
 
 def test_folder_config_carves_a_validation_split_only_when_the_folder_has_none(tmp_path):
+    """val_fraction auto (-1): decided by the data layer on the final config, so an
+    --config.data.eval_split=val override still finds val/."""
     folder = next(p for p in CONFIGS if p.name == "folder.py")
-    for name in ("train/cat", "test/cat", "photos/cat", "photos/dog"):
-        (tmp_path / name).mkdir(parents=True)
-    assert load(folder, f"path={tmp_path}").data.val_fraction == 0.0  # train/ + test/
-    assert load(folder, f"path={tmp_path / 'photos'}").data.val_fraction == 0.2
-    assert load(folder, f"path={tmp_path / 'photos'},val_fraction=0.3").data.val_fraction == 0.3
+    for split, n in (("train", 10), ("val", 3)):
+        for name in ("cat", "dog"):
+            (tmp_path / "split" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(
+                    tmp_path / "split" / split / name / f"{i}.png"
+                )
+    shutil.copytree(tmp_path / "split" / "train", tmp_path / "plain")
+
+    def counts(path, **data_overrides):
+        config = load(folder, f"path={path}")
+        assert config.data.val_fraction == -1.0
+        config.data.update(dict(workers=1, **data_overrides))
+        ds = build_datasets(config.data, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
+        return ds.train.n_examples, ds.eval.n_examples
+
+    assert counts(tmp_path / "plain") == (16, 4)  # <class>/*: 20 % carved, per class
+    assert counts(tmp_path / "split", eval_split="val") == (20, 6)  # the folder's own val/
+    assert counts(tmp_path / "split") == (16, 4)  # train/ but no test/: carved out of train/
 
 
 def test_parse_arg_types():

@@ -170,7 +170,7 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
     _run(_train_cmd(workdir, *flags))
     top1 = {h["step"]: h["val/top1"] for h in _history(workdir) if "val/top1" in h}
     assert sorted(top1) == [2, 4, 6, 8]  # a checkpoint with metrics at each of them
-    best = max(top1, key=lambda s: (top1[s], -s))
+    best = max(top1, key=lambda s: (top1[s], s))  # orbax: the latest of equal values
     assert best != 8, top1  # else this test would not tell best from latest
     manifest = (workdir / "data_manifest.json").read_text()
     n_val = round(0.25 * sizes["train"])
@@ -442,7 +442,7 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     )
     with pytest.raises(
         FloatingPointError,
-        match=r"(training (loss|grad_norm) is \S+ at|parameters are not finite after) step \d+",
+        match=r"(training (loss|grad_norm) is \S+ at|is not finite after) step \d+",
     ) as info:
         train.train_and_evaluate(config, tmp_path)
     message = info.value.args[0]

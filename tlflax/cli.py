@@ -90,9 +90,10 @@ def cmd_eval(flags, config_unused, positional) -> int:
     config, saved_run, classes = load_run(workdir)
     if flags.split:
         config = with_eval_split(config, flags.split)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", flags.split).strip("_") or "split"
+        split = flags.split
     else:
-        name = "val" if config.data.val_fraction > 0 else config.data.eval_split
+        split = "val" if data.carves_validation(config.data) else config.data.eval_split
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_") or "split"  # 'train[90%:]'
     ckpt = train.open_checkpointer(config, workdir)
     step = best_step(ckpt, workdir)
     ckpt.close()
@@ -111,7 +112,7 @@ def cmd_eval(flags, config_unused, positional) -> int:
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
         {
-            "split": flags.split or name,
+            "split": split,
             "step": step,
             "top1": f"{100 * result.top1:.2f} %",
             "errors": f"{result.n_errors}/{result.n}",

@@ -72,7 +72,9 @@ def _data_config() -> ConfigDict:
     c.name = ""  # tfds: dataset name, e.g. 'oxford_flowers102'
     c.train_split = "train"
     c.eval_split = "test"  # folder/tfds split used for validation
-    c.val_fraction = 0.0  # > 0: carve a stratified validation split out of train
+    # > 0: carve a stratified, seeded validation split out of train; 0: the source's own
+    # eval split; < 0 (auto): a folder's eval split if it has one, else carve 20 %.
+    c.val_fraction = 0.0
     c.image_size = 0  # 0: the weights' preprocessing resolution
     c.batch_size = 32  # global batch, across all devices and hosts
     c.eval_batch_size = 0  # 0: same as batch_size

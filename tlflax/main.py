@@ -39,6 +39,17 @@ def _usage() -> str:
     return (__doc__ or "").strip()
 
 
+def _from_get_config(error: BaseException) -> BaseException | None:
+    """The first error in the chain (error, its causes) raised through a get_config()."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _where(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _where(error: BaseException) -> str:
     """' (file:line)' in the config file's get_config(), if the error passed through it."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"]
@@ -71,17 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.NOTSET)
     try:
         positional = FLAGS(argv)[1:]
-    except flags.Error as e:
-        print(f"tlflax {command}: {e}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # Raised while the config file's get_config() ran (absl wraps its ValueError and
+        # TypeError in a flags.Error): a key that does not exist (the base config is
+        # locked), a bad :ARGS value. Say where, without ml_collections' dump.
+        # Otherwise a --config.x=y override that names no key, or a value of the wrong type.
+        inner = _from_get_config(e)
+        if inner is not None:
+            print(f"tlflax {command}: bad config{_where(inner)}: {_short(inner)}", file=sys.stderr)
+        elif isinstance(e, flags.Error):
+            print(f"tlflax {command}: {e}", file=sys.stderr)
+        else:
+            print(f"tlflax {command}: no such config key {_short(e)}", file=sys.stderr)
         return 2
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        # Raised while the config file's get_config() ran: a key that does not exist (the
-        # base config is locked), a bad :ARGS value. Say where, without ml_collections' dump.
-        print(f"tlflax {command}: bad config{_where(e)}: {_short(e)}", file=sys.stderr)
-        return 2
+    config = _CONFIG.value
+    if config is not None:
+        try:
+            config.get("seed")  # a config file that could not be loaded raises on first use
+        except OSError as e:
+            print(f"tlflax {command}: {e}", file=sys.stderr)
+            return 2
     from tlflax import cli  # heavy imports (jax) only after the flags parse
 
-    return getattr(cli, f"cmd_{command}")(FLAGS, _CONFIG.value, positional)
+    return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
 
 
 if __name__ == "__main__":

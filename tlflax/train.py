@@ -156,8 +156,6 @@ def check_config(config, spec, prep) -> None:
 def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None) -> Run:
     """Model, phases and mesh: everything but the data (eval / predict rebuild it from run.json)."""
     spec = build_model(config, num_classes=num_classes)
-    if config.train.bn_mode not in BN_MODES:
-        raise ValueError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
     mesh = sharding.make_mesh(data=config.train.mesh_data, model=config.train.mesh_model)
     total = optim.total_steps(
         config.optim, steps_per_epoch=steps_per_epoch, train_config=config.train
@@ -486,10 +484,12 @@ def _state_is_finite(trees) -> jax.Array:
 
 
 def check_finite_state(st, step: int) -> None:
-    """Before a save: finite losses and gradient norms can still give an overflowed update."""
-    if not bool(jax.device_get(_state_is_finite((st.params, st.batch_stats)))):
+    """Before a save: finite losses and gradient norms can still give an overflowed update
+    (or moments), which a resume would carry on from."""
+    if not bool(jax.device_get(_state_is_finite((st.params, st.batch_stats, st.opt_state)))):
         raise NonFiniteLossError(
-            f"the parameters are not finite after step {step}; stopping without saving it. "
+            f"the train state (parameters, statistics or optimizer moments) is not finite "
+            f"after step {step}; stopping without saving it. "
             "The checkpoints before it stay valid; lower the learning rate or enable "
             "optim.grad_clip_norm and resume"
         )

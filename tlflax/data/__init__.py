@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import importlib
 
-from tlflax.data.datasets import MANIFEST, Datasets, build_datasets, write_manifest
+from tlflax.data.datasets import (
+    MANIFEST,
+    Datasets,
+    build_datasets,
+    carves_validation,
+    write_manifest,
+)
 from tlflax.data.decode import BadImageError, load_image
 from tlflax.data.folder import DataError
 from tlflax.data.prefetch import prefetch_to_device
@@ -29,6 +35,7 @@ __all__ = [
     "DataError",
     "Datasets",
     "build_datasets",
+    "carves_validation",
     "load_image",
     "prefetch_to_device",
     "write_manifest",

@@ -114,30 +114,58 @@ def _folder_parts(config, *, resize: int, seed: int, cache_dir):
     )
     train = folder.load_part(train_dir, class_names=None, split="train", **load)
     if eval_dir is None:
-        return _carve(train, fraction=config.val_fraction, seed=seed)
+        return _carve(train, fraction=_fraction(config), seed=seed)
     evals = folder.load_part(eval_dir, class_names=train.class_names, split="eval", **load)
     return train, evals
 
 
+AUTO_VAL_FRACTION = 0.2  # config.data.val_fraction < 0 (auto) carves this much, if it must
+
+
 def _layout(root: pathlib.Path, config):
-    """(train folder, eval folder or None to carve a validation split out of train)."""
+    """(train folder, eval folder or None to carve a validation split out of train).
+
+    val_fraction > 0 carves; 0 needs the folder's own eval split; < 0 (auto) uses the
+    folder's eval split when there is one and carves otherwise.
+    """
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    auto = config.val_fraction < 0
     if config.train_split in subdirs:
         train_dir = root / config.train_split
         if config.val_fraction > 0:
             return train_dir, None
-        if config.eval_split not in subdirs:
-            raise DataError(
-                f"{root} has no {config.eval_split!r} folder (found {subdirs}); set "
-                "config.data.eval_split to one of them, or config.data.val_fraction > 0"
-            )
-        return train_dir, root / config.eval_split
-    if config.val_fraction <= 0:
+        if config.eval_split in subdirs:
+            return train_dir, root / config.eval_split
+        if auto:
+            log.info("%s has no %r folder: carving the validation split", root, config.eval_split)
+            return train_dir, None
+        raise DataError(
+            f"{root} has no {config.eval_split!r} folder (found {subdirs}); set "
+            "config.data.eval_split to one of them, or config.data.val_fraction > 0"
+        )
+    if config.val_fraction == 0:
         raise DataError(
             f"{root} has no {config.train_split!r} folder (found {subdirs[:8]}): for a "
             "<class>/* layout set config.data.val_fraction (e.g. 0.2) to carve a validation split"
         )
     return root, None
+
+
+def carves_validation(config) -> bool:
+    """Whether this data config's validation split is carved out of train (not its own)."""
+    if config.source == "digits":
+        return True
+    if config.source != "folder":
+        return False
+    root = pathlib.Path(config.path).expanduser()
+    try:
+        return _layout(root, config)[1] is None
+    except (DataError, OSError):
+        return config.val_fraction > 0
+
+
+def _fraction(config) -> float:
+    return AUTO_VAL_FRACTION if config.val_fraction < 0 else config.val_fraction
 
 
 def _carve(part: folder.Part, *, fraction: float, seed: int):
@@ -151,7 +179,7 @@ def _carve(part: folder.Part, *, fraction: float, seed: int):
 
 
 def _digits_parts(config, *, resize: int, seed: int, cache_dir):
-    if config.val_fraction <= 0:
+    if config.val_fraction == 0:
         raise DataError(
             "config.data.source='digits' has one split; set config.data.val_fraction (e.g. 0.2)"
         )
@@ -165,7 +193,7 @@ def _digits_parts(config, *, resize: int, seed: int, cache_dir):
         "cache": {"path": str(arrays.path), "status": arrays.status},
     }
     whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report)
-    return _carve(whole, fraction=config.val_fraction, seed=seed)
+    return _carve(whole, fraction=_fraction(config), seed=seed)
 
 
 def _manifest(config, train: folder.Part, evals: folder.Part) -> dict:

@@ -231,7 +231,8 @@ def _hub_missing_message(source, repo, cache_dir, error) -> str:
         why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
     elif isinstance(error, _HubUnreachable):
         why = (
-            f"the hub could not be reached to download them (asking for {error.filename!r}: "
+            f"the hub could not be reached or refused the download (asking for "
+            f"{error.filename!r}: "
             f"{_describe(error.error)}), so no other file was tried"
         )
     elif error is not None:
