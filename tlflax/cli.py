@@ -43,10 +43,10 @@ def load_run(workdir: pathlib.Path):
     return config, run, classes
 
 
-def restore_best(config, run, workdir: pathlib.Path, step: int | None = None):
+def restore_best(config, run, workdir: pathlib.Path):
     """The best checkpoint by validation top-1 (the latest when none has metrics)."""
     ckpt = train.open_checkpointer(config, workdir)
-    step = best_step(ckpt, workdir) if step is None else step
+    step = best_step(ckpt, workdir)
     st = train.restore(run, ckpt, step)
     ckpt.close()
     return st, step
@@ -62,26 +62,13 @@ def best_step(ckpt, workdir: pathlib.Path) -> int:
 
 def with_eval_split(config, split: str):
     """The run's config, evaluating on `split`: a TFDS split string, or a sub-folder of the
-    image root (a run that carved its validation split out of train can still be evaluated
-    on a held-out folder such as test/)."""
-    source = config.data.source
-    if source == "digits":
+    image root next to train/ (a run that carved its validation split out of train/ can
+    still be evaluated on test/). The data layer says when the folder has no such split."""
+    if config.data.source == "digits":
         raise SystemExit("tlflax eval --split: the digits source has one split (carved); drop it")
     config.data.eval_split = split
-    if source == "folder":
-        root = pathlib.Path(config.data.path).expanduser()
-        if not (root / split).is_dir():
-            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-            raise SystemExit(
-                f"tlflax eval --split {split}: {root} has no {split!r} folder (found {found[:8]})"
-            )
-        if not (root / config.data.train_split).is_dir():
-            raise SystemExit(
-                f"tlflax eval --split {split}: {root} holds class folders, not "
-                f"{config.data.train_split}/ and {split}/ splits; only its carved validation "
-                "split can be evaluated (drop --split)"
-            )
-        config.data.val_fraction = 0.0  # the named folder, not the carved split
+    if config.data.source == "folder":
+        config.data.val_fraction = 0.0  # the named folder, not a carved split
     return config
 
 
@@ -96,7 +83,6 @@ def cmd_eval(flags, config_unused, positional) -> int:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_") or "split"  # 'train[90%:]'
     ckpt = train.open_checkpointer(config, workdir)
     step = best_step(ckpt, workdir)
-    ckpt.close()
     out = workdir / f"eval_{name}_step{step}"
     # The data report of this evaluation goes with its results; the run's own stays.
     data_run = train.setup(config, workdir, manifest_dir=out)
@@ -107,7 +93,8 @@ def cmd_eval(flags, config_unused, positional) -> int:
         )
     # The run's own plan (run.json) places `step` in its phase, whatever this data's size.
     run = dataclasses.replace(saved_run, datasets=data_run.datasets)
-    st, step = restore_best(config, run, workdir, step)
+    st = train.restore(run, ckpt, step)
+    ckpt.close()
     result = train.run_eval(train.make_eval_fn(run), st, run)
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [

@@ -102,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"tlflax {command}: {e}", file=sys.stderr)
             return 2
-    from tlflax import cli  # heavy imports (jax) only after the flags parse
+    from tlflax import cli, data  # heavy imports (jax) only after the flags parse
 
-    return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
+    try:
+        return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
+    except data.DataError as e:  # the data cannot serve the run: the message says why
+        print(f"tlflax {command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

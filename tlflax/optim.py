@@ -333,52 +333,58 @@ def check_groups(optim_config, *, params, spec) -> None:
     """make_phases' checks that need the model but not the data (its size sets the phase
     lengths): the trainer runs them before it loads the data, so that a bad strategy, k or
     rule fails in seconds, not after the images are decoded."""
-    c = optim_config
-    validate(c)
+    validate(optim_config)
     names = tree.names(params)
+    for name, groups, _, _ in _phase_groups(optim_config, spec=spec, names=names):
+        _owners(optim_config, name, groups, names)
+
+
+def _phase_groups(c, *, spec, names) -> list[tuple[str, tuple, str, float]]:
+    """(name, groups, optimizer, peak lr) of each phase, in order."""
     if not c.strategy:
-        assign(parse_rules(c.groups), names, where="config.optim.groups")
-        return
-    for strategy, decay in (
-        [("linear_probe", "none"), (c.finetune, c.lr_decay)]
-        if c.strategy == "two_phase"
-        else [(c.strategy, c.lr_decay)]
-    ):
-        groups = strategy_groups(strategy, c, spec=spec, names=names, lr_decay=decay)
-        assign(parse_rules(groups), names, where=f"strategy {strategy!r}")
+        return [("custom", tuple(c.groups), c.name, c.lr)]
+    if c.strategy != "two_phase":
+        groups = strategy_groups(c.strategy, c, spec=spec, names=names, lr_decay=c.lr_decay)
+        return [(c.strategy, groups, c.name, c.lr)]
+    probe_groups = strategy_groups("linear_probe", c, spec=spec, names=names, lr_decay="none")
+    ft_groups = strategy_groups(c.finetune, c, spec=spec, names=names, lr_decay=c.lr_decay)
+    return [
+        ("linear_probe", probe_groups, c.name, c.lr),
+        ("finetune", ft_groups, c.finetune_optimizer or c.name, c.finetune_lr),
+    ]
 
 
 def _plans(c, *, spec, names, spe: int, total: int) -> list[_Plan]:
-    if not c.strategy:
-        return [_Plan("custom", 0, total, tuple(c.groups), c.name, c.lr)]
+    phases = _phase_groups(c, spec=spec, names=names)
     if c.strategy != "two_phase":
-        groups = strategy_groups(c.strategy, c, spec=spec, names=names, lr_decay=c.lr_decay)
-        return [_Plan(c.strategy, 0, total, groups, c.name, c.lr)]
+        return [_Plan(name, 0, total, *rest) for name, *rest in phases]
     probe, finetune = _two_phase_lengths(c, steps_per_epoch=spe)
     if total != probe + finetune:
         raise ValueError(
             f"two_phase: total_steps={total} but the phases take {probe} + {finetune} steps; "
             "get the total from optim.total_steps"
         )
-    probe_groups = strategy_groups("linear_probe", c, spec=spec, names=names, lr_decay="none")
-    ft_groups = strategy_groups(c.finetune, c, spec=spec, names=names, lr_decay=c.lr_decay)
-    return [
-        _Plan("linear_probe", 0, probe, probe_groups, c.name, c.lr),
-        _Plan("finetune", probe, total, ft_groups, c.finetune_optimizer or c.name, c.finetune_lr),
-    ]
+    (probe_name, *probe_rest), (ft_name, *ft_rest) = phases
+    return [_Plan(probe_name, 0, probe, *probe_rest), _Plan(ft_name, probe, total, *ft_rest)]
+
+
+def _owners(c, name: str, groups, names) -> tuple[str, list[Rule], dict[str, Rule]]:
+    """(where, rules, leaf name -> its rule) of one phase's groups; at least one trains."""
+    where = f"phase {name}: groups" if c.strategy else "config.optim.groups"
+    rules = parse_rules(groups, where=where)
+    owner = assign(rules, names, where=where)
+    if all(r.frozen for r in owner.values()):
+        raise ValueError(f"{where}: every parameter is frozen; nothing would train")
+    return where, rules, owner
 
 
 def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
-    where = f"phase {plan.name}: groups" if c.strategy else "config.optim.groups"
     if plan.end <= plan.start:
         raise ValueError(f"phase {plan.name}: steps {plan.start}..{plan.end} is empty")
-    rules = parse_rules(plan.groups, where=where)
     names = tree.names(params)
-    owner = assign(rules, names, where=where)
+    where, rules, owner = _owners(c, plan.name, plan.groups, names)
     labels = tree.unflatten({n: owner[n].label for n in names})
     trainable = tree.unflatten({n: not owner[n].frozen for n in names})
-    if all(r.frozen for r in owner.values()):
-        raise ValueError(f"{where}: every parameter is frozen; nothing would train")
     used = [r for r in rules if any(o is r for o in owner.values())]
     txs, lr_fns, scheds = {}, {}, {}
     for rule in used:

@@ -81,7 +81,7 @@ class Run:
     total_steps: int
     global_batch: int
     eval_batch: int
-    shard_min_size: int = 2**18  # smaller leaves stay replicated over the 'model' axis
+    shard_min_size: int  # smaller leaves stay replicated over the 'model' axis
 
 
 def resolve_preprocessing(config, spec) -> pp.Preprocessing:
@@ -180,7 +180,7 @@ def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None)
         total,
         global_batch,
         eval_batch,
-        shard_min_size=config.train.shard_min_size,
+        config.train.shard_min_size,
     )
 
 
