@@ -77,7 +77,9 @@ def test_folder_config_carves_a_validation_split_only_when_the_folder_has_none(t
 
     assert counts(tmp_path / "plain") == (16, 4)  # <class>/*: 20 % carved, per class
     assert counts(tmp_path / "split", eval_split="val") == (20, 6)  # the folder's own val/
-    assert counts(tmp_path / "split") == (16, 4)  # train/ but no test/: carved out of train/
+    assert counts(tmp_path / "split") == (20, 6)  # val/ found by itself, nothing carved
+    shutil.move(tmp_path / "split" / "val", tmp_path / "split_val")
+    assert counts(tmp_path / "split") == (16, 4)  # train/ alone: carved out of train/
 
 
 def test_parse_arg_types():

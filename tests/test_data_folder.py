@@ -82,7 +82,8 @@ def test_layout_errors_say_what_to_set(tmp_path):
         data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
     write_class_folders(tmp_path / "split" / "train", {"cat": 2, "dog": 2})
     config = data_config(path=str(tmp_path / "split"), workers=1)
-    with pytest.raises(data.DataError, match=r"no 'test' folder \(found \['train'\]\)"):
+    no_val = r"none of the validation folders .* \(found \['train'\]\)"
+    with pytest.raises(data.DataError, match=no_val):
         data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
     with pytest.raises(data.DataError, match="config.data.path"):
         data.build_datasets(
@@ -156,3 +157,55 @@ def test_folder_path_and_augment_run_without_tensorflow(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TF_MODULES []" in out.stdout
+
+
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation", "test"])
+def test_train_plus_any_validation_folder_validates_on_it(tmp_path, val_name, caplog):
+    """The PyTorch tutorials' train/ + val/, Keras' validation/: every file of the folder
+    validates, none is carved out of train/ (the default config, val_fraction auto too)."""
+    write_class_folders(tmp_path / "d" / "train", {"cat": 5, "dog": 4})
+    write_class_folders(tmp_path / "d" / val_name, {"cat": 2, "dog": 3})
+    for val_fraction in (0.0, -1.0):
+        config = data_config(path=str(tmp_path / "d"), workers=1, val_fraction=val_fraction)
+        ds = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
+        assert (ds.train.n_examples, ds.eval.n_examples) == (9, 5)
+        assert ds.test is None
+        roles = ds.manifest["roles"]
+        assert roles["eval"] == str(tmp_path / "d" / val_name) and roles["unused"] == []
+        assert data.eval_split_name(config) == val_name
+    assert "not used" not in caplog.text
+
+
+def test_train_val_test_validates_on_val_and_keeps_test_apart(tmp_path, caplog):
+    write_class_folders(tmp_path / "d" / "train", {"cat": 5, "dog": 4})
+    write_class_folders(tmp_path / "d" / "val", {"cat": 2, "dog": 3})
+    write_class_folders(tmp_path / "d" / "test", {"cat": 1, "dog": 2})
+    write_class_folders(tmp_path / "d" / "extra", {"cat": 1, "dog": 1})
+    config = data_config(path=str(tmp_path / "d"), workers=1, val_fraction=-1.0)
+    ds = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
+    assert (ds.train.n_examples, ds.eval.n_examples, ds.test.n_examples) == (9, 5, 3)
+    np.testing.assert_array_equal(ds.test.labels, [0, 1, 1])
+    roles = ds.manifest["roles"]
+    assert roles["eval"].endswith("val") and roles["test"].endswith("test")
+    # A split folder that exists and serves no role is named, never silently dropped.
+    assert roles["unused"] == [str(tmp_path / "d" / "extra")]
+    assert any("extra is not used" in w for w in ds.manifest["warnings"])
+    assert "extra is not used" in caplog.text
+    saved = json.loads((tmp_path / data.MANIFEST).read_text())
+    assert saved["splits"]["test"]["n_images"] == 3 and saved["roles"] == roles
+
+    # Carving validation out of train/ keeps test/ as the final test split.
+    config = data_config(path=str(tmp_path / "d"), workers=1, val_fraction=0.25, test_split="")
+    ds = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
+    assert ds.test is None and ds.manifest["roles"]["eval"] == "carved from train"
+    assert sorted(ds.manifest["roles"]["unused"]) == [
+        str(tmp_path / "d" / n) for n in ("extra", "test", "val")
+    ]
+    with pytest.raises(data.DataError, match="no 'holdout' folder for config.data.test_split"):
+        data.build_datasets(
+            data_config(path=str(tmp_path / "d"), workers=1, test_split="holdout"),
+            image_size=8,
+            resize=8,
+            seed=0,
+            workdir=str(tmp_path),
+        )

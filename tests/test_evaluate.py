@@ -2,8 +2,10 @@
 
 import csv
 import json
-import re
+import logging
+import os
 import struct
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +180,7 @@ def _png(path):
         im.load()
         pixels = np.asarray(im.convert("L"))
     assert im.width > 200 and im.height > 150, path
-    assert path.stat().st_size > 5_000, path
+    assert os.path.getsize(path) > 5_000, path
     assert np.unique(pixels).size > 8, f"{path} looks blank"
     return im
 
@@ -339,30 +341,52 @@ def test_tensorboard_events_hold_the_scalars(tmp_path):
     assert list((tmp_path / metrics_io.TENSORBOARD_DIR / "hparams").glob("events.out.*"))
 
 
-def test_progress_bar_silent_without_a_tty(capsys):
-    bar = metrics_io.ProgressBar(100)
-    assert not bar.enabled  # pytest's captured stderr is not a terminal
-    for step in range(1, 101):
-        bar.update(step, loss=0.5)
-    bar.close()
-    captured = capsys.readouterr()
-    assert captured.err == "" and captured.out == ""
+def _scalars(loss: float) -> dict:
+    return {"train/loss": loss, "lr/head": 1e-3, "lr/stage3": 5e-4, "train/images_per_sec": 80.0}
 
 
-def test_progress_bar_draws_rate_and_eta_and_throttles(capsys, monkeypatch):
-    clock = iter(np.arange(0.0, 1000.0, 0.01))  # 10 ms per update
+def test_progress_without_a_tty_logs_intervals_and_evaluations(caplog, capsys, monkeypatch):
+    clock = iter(np.arange(0.0, 1000.0, 1.0))  # one second per interval of 10 steps
     monkeypatch.setattr(metrics_io.time, "monotonic", lambda: float(next(clock)))
-    bar = metrics_io.ProgressBar(200, enabled=True)
-    for step in range(1, 201):
-        bar.update(step, loss=0.25)
-    bar.close()
+    caplog.set_level(logging.INFO, logger="tlflax")
+    progress = metrics_io.Progress(100, start_step=0, steps_per_epoch=20, tty=False)
+    for step in range(10, 101, 10):
+        progress.interval(step, phase="finetune", scalars=_scalars(step / 100))
+        if step % 40 == 0:
+            progress.evaluated(step, phase="finetune", top1=0.5 + step / 1000, loss=0.25)
+    progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 10 + 2
+    assert lines[2] == (  # at 10 steps a second since the first interval: 7 s left
+        "step 30/100  epoch 1.50  phase finetune  loss 0.3000  lr 1.00e-03  80.0 images/s  ETA 0:07"
+    )
+    assert lines[4] == (
+        "step 40/100  epoch 2.00  phase finetune  validation top-1 0.5400  loss 0.2500  "
+        "(best 0.5400 at step 40)"
+    )
+    assert lines[-1].startswith("step 100/100") and "ETA 0:00" in lines[-1]
+    assert capsys.readouterr().err == ""  # no bar, no carriage returns
+    silent = metrics_io.Progress(100, start_step=0, steps_per_epoch=20, enabled=False, tty=True)
+    silent.interval(10, phase="p", scalars=_scalars(1.0))
+    silent.evaluated(10, phase="p", top1=0.5, loss=1.0)
+    silent.close()
+    assert len(caplog.records) == 12 and capsys.readouterr().err == ""  # process > 0
+
+
+def test_progress_on_a_tty_draws_a_bar_that_log_lines_print_above(capsys):
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)  # as main()'s basicConfig sets up
+    root.addHandler(handler)
+    try:
+        progress = metrics_io.Progress(50, start_step=10, steps_per_epoch=10, tty=True)
+        progress.interval(20, phase="finetune", scalars=_scalars(0.75))
+        logging.getLogger("tlflax").warning("a log line")
+        progress.evaluated(20, phase="finetune", top1=0.9, loss=0.5)
+        progress.interval(50, phase="finetune", scalars=_scalars(0.5))
+        progress.close()
+    finally:
+        root.removeHandler(handler)
     err = capsys.readouterr().err
-    frames = err.split("\r")[1:]
-    assert 5 <= len(frames) <= 12  # 2 s of updates, at most one redraw per 0.2 s (+ the last)
-    assert frames[-1].rstrip().startswith("200/200 100%") and err.endswith("\n")
-    middle = frames[len(frames) // 2]
-    step = int(middle.split("/")[0])
-    eta = re.search(r"ETA (\d+):(\d\d)", middle)
-    assert 60 * int(eta[1]) + int(eta[2]) == int((200 - step) / 100)  # at 100 step/s
-    assert "100.00 step/s" in middle and "loss=0.25" in middle
-    assert metrics_io.ProgressBar(10).render(3, now=5.0).startswith("3/10  30%")
+    assert "50/50" in err and "loss=0.5" in err and "lr=1.00e-03" in err
+    # tqdm.write clears the bar, prints the line whole, and redraws the bar below it.
+    assert "\na log line\n" in "\n" + err.replace("\r", "\n")

@@ -86,11 +86,11 @@ def _n_eval(workdir) -> int:
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     done = _run(_train_cmd(workdir))
-    return workdir, done.stdout
+    return workdir, done.stdout, done.stderr
 
 
 def test_run_writes_the_record_and_reports(finished_run):
-    workdir, stdout = finished_run
+    workdir, stdout, _ = finished_run
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["model"] == "resnet_tiny"
     assert [r["strategy"] for r in summary["phases"]] == ["linear_probe", "finetune"]
@@ -120,8 +120,23 @@ def test_run_writes_the_record_and_reports(finished_run):
     assert summary["wall_time_s"] > 0 and summary["steps_per_epoch"] >= 1
 
 
+def test_log_without_a_terminal_has_a_line_per_interval_and_per_evaluation(finished_run):
+    """A run under Slurm / nohup / CI (stderr is a pipe) says how it goes, as it goes."""
+    workdir, _, stderr = finished_run
+    evals = re.findall(r"step (\d+)/8  epoch \S+  phase (\w+)  validation top-1 (\S+)", stderr)
+    top1 = {h["step"]: h["val/top1"] for h in _history(workdir) if "val/top1" in h}
+    assert [(int(s), p) for s, p, _ in evals] == [(4, "linear_probe"), (8, "finetune")]
+    assert [float(t) for *_, t in evals] == [
+        pytest.approx(top1[4], abs=1e-4),
+        pytest.approx(top1[8], abs=1e-4),
+    ]
+    intervals = re.findall(r"step (\d+)/8  epoch .* loss \S+  lr \S+  \S+ images/s  ETA", stderr)
+    assert [int(s) for s in intervals] == list(range(1, 9))  # log_every=1
+    assert "\r" not in stderr  # no progress bar without a terminal
+
+
 def test_eval_and_predict_restore_the_best(finished_run, tmp_path, capsys):
-    workdir, _ = finished_run
+    workdir, *_ = finished_run
     assert main.main(["tlflax", "eval", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
     assert "errors" in out and f"/{_n_eval(workdir)}" in out
@@ -156,7 +171,8 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
     """A fine-tune at lr 1 spoils the probe: the best checkpoint (by val top-1) is the one at
     the phase switch, not the last. `eval --split test` then reads the held-out folder
     instead of the validation split carved out of train/, and leaves the run's own data
-    report alone."""
+    report alone. The run itself evaluated test/ once at its end, on that same checkpoint:
+    a final, separate test evaluation that model selection never saw."""
     sizes = _colour_folder(tmp_path / "photos")
     workdir = tmp_path / "run"
     flags = [
@@ -167,11 +183,15 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
         "--config.train.eval_every=2",
         "--config.optim.finetune_lr=1.0",
     ]
-    _run(_train_cmd(workdir, *flags))
+    done = _run(_train_cmd(workdir, *flags))
     top1 = {h["step"]: h["val/top1"] for h in _history(workdir) if "val/top1" in h}
     assert sorted(top1) == [2, 4, 6, 8]  # a checkpoint with metrics at each of them
     best = max(top1, key=lambda s: (top1[s], s))  # orbax: the latest of equal values
     assert best != 8, top1  # else this test would not tell best from latest
+    test = json.loads((workdir / "summary.json").read_text())["test"]
+    assert (test["split"], test["step"], test["n"]) == ("test", best, sizes["test"])
+    assert f"test: test (step {best})  {100 * test['top1']:.2f} %" in done.stdout
+    assert (workdir / f"eval_test_step{best}" / "errors.png").is_file() or test["errors"] == 0
     manifest = (workdir / "data_manifest.json").read_text()
     n_val = round(0.25 * sizes["train"])
 
@@ -182,7 +202,7 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
 
     assert main.main(["tlflax", "eval", "--workdir", str(workdir), "--split", "test"]) == 0
     out = capsys.readouterr().out
-    assert f"/{sizes['test']}" in out
+    assert f"/{sizes['test']}" in out and f"{100 * test['top1']:.2f} %" in out
     report = workdir / f"eval_test_step{best}"
     assert (
         json.loads((report / "data_manifest.json").read_text())["splits"]["eval"]["n_images"]
@@ -198,7 +218,7 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
 def test_bfloat16_compute_keeps_float32_parameters(finished_run, tmp_path):
     """model.compute_dtype='bfloat16': the step computes in bf16, the checkpointed parameters,
     BatchNorm statistics and the loss curve stay float32 and near the float32 run's."""
-    reference, _ = finished_run
+    reference, *_ = finished_run
     workdir = tmp_path / "bf16"
     _run(_train_cmd(workdir, "--config.model.compute_dtype=bfloat16"))
     params, step = _final_params(workdir)

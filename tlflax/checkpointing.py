@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from tlflax import fs
+
 STATE_ITEM = "state"  # <directory>/<step>/state/ holds the train state
 
 
@@ -200,9 +202,9 @@ class Checkpointer:
 
 
 def _absolute(directory: str | os.PathLike) -> epath.Path:
-    text = os.fspath(directory)
-    # Cloud paths (gs://...) pass through; a local relative path would depend on the cwd.
-    return epath.Path(text if "://" in text else os.path.abspath(text))
+    # Cloud paths (gs://...) pass through; a local relative path would depend on the cwd; a
+    # scheme epath cannot open is an error, not a local folder named after it.
+    return fs.path(directory, what="checkpoint directory")
 
 
 def _json_number(name: str, value: Any) -> float:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import re
 
 import jax
 import numpy as np
 
-from tlflax import config_lib, data, evaluate, optim, state, train, tree
+from tlflax import config_lib, data, evaluate, fs, optim, state, train, tree
 from tlflax import preprocessing as pp
 
 
@@ -29,7 +28,7 @@ def cmd_train(flags, config, positional) -> int:
     return 0
 
 
-def load_run(workdir: pathlib.Path):
+def load_run(workdir):
     """Config, preprocessing, classes and plan of a finished (or running) workdir."""
     if not (workdir / "config.json").is_file():
         raise SystemExit(f"{workdir} holds no config.json: is it a tlflax train workdir?")
@@ -43,7 +42,7 @@ def load_run(workdir: pathlib.Path):
     return config, run, classes
 
 
-def restore_best(config, run, workdir: pathlib.Path):
+def restore_best(config, run, workdir):
     """The best checkpoint by validation top-1 (the latest when none has metrics)."""
     ckpt = train.open_checkpointer(config, workdir)
     step = best_step(ckpt, workdir)
@@ -52,7 +51,7 @@ def restore_best(config, run, workdir: pathlib.Path):
     return st, step
 
 
-def best_step(ckpt, workdir: pathlib.Path) -> int:
+def best_step(ckpt, workdir) -> int:
     step = ckpt.best_step()
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -73,13 +72,11 @@ def with_eval_split(config, split: str):
 
 
 def cmd_eval(flags, config_unused, positional) -> int:
-    workdir = pathlib.Path(_need(flags.workdir, "workdir", "eval"))
+    workdir = fs.path(_need(flags.workdir, "workdir", "eval"), what="--workdir")
     config, saved_run, classes = load_run(workdir)
     if flags.split:
         config = with_eval_split(config, flags.split)
-        split = flags.split
-    else:
-        split = "val" if data.carves_validation(config.data) else config.data.eval_split
+    split = data.eval_split_name(config.data)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_") or "split"  # 'train[90%:]'
     ckpt = train.open_checkpointer(config, workdir)
     step = best_step(ckpt, workdir)
@@ -111,7 +108,7 @@ def cmd_eval(flags, config_unused, positional) -> int:
 
 
 def cmd_predict(flags, config_unused, positional) -> int:
-    workdir = pathlib.Path(_need(flags.workdir, "workdir", "predict"))
+    workdir = fs.path(_need(flags.workdir, "workdir", "predict"), what="--workdir")
     if not positional:
         raise SystemExit("tlflax predict: give one or more image paths")
     config, run, classes = load_run(workdir)

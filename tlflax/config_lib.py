@@ -71,7 +71,12 @@ def _data_config() -> ConfigDict:
     c.path = ""  # folder: root with <split>/<class>/* or <class>/*
     c.name = ""  # tfds: dataset name, e.g. 'oxford_flowers102'
     c.train_split = "train"
-    c.eval_split = "test"  # folder/tfds split used for validation
+    # Validation split. '': a folder's first of val/ valid/ validation/ test/ next to train/;
+    # TFDS 'test'. Or a folder name / TFDS split string.
+    c.eval_split = ""
+    # A final, separate evaluation of the best checkpoint at the end of training. 'auto': a
+    # folder's test/ when it is not the validation folder (train/ + val/ + test/); '': none.
+    c.test_split = "auto"
     # > 0: carve a stratified, seeded validation split out of train; 0: the source's own
     # eval split; < 0 (auto): a folder's eval split if it has one, else carve 20 %.
     c.val_fraction = 0.0

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from tlflax import losses
+from tlflax import fs, losses
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def write_reports(
     history: Sequence[dict] | None = None,
     phase_switch_steps: Sequence[int] = (),
     title: str = "",
-) -> dict[str, pathlib.Path]:
+) -> dict[str, epath.Path]:
     """eval.json, per_class.csv, confusion.png [, errors.png] [, curves.png] in out_dir.
 
     images: the eval images by example index (an array (N, H, W, 3), a sequence, or a
@@ -250,7 +251,7 @@ def write_reports(
     history: metric dicts with 'step' (see metrics_io.read_history) for the curves.
     Returns {report name: path} of what was written.
     """
-    out_dir = pathlib.Path(out_dir)
+    out_dir = fs.path(out_dir, what="report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"eval.json": out_dir / "eval.json", "per_class.csv": out_dir / "per_class.csv"}
     report = {"title": title, **result.to_dict()}
@@ -266,11 +267,12 @@ def write_reports(
     return written
 
 
-def _write_per_class_csv(result: EvalResult, path: pathlib.Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
-        writer.writeheader()
-        writer.writerows(result.per_class())
+def _write_per_class_csv(result: EvalResult, path: epath.Path) -> None:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["class", "precision", "recall", "f1", "support"])
+    writer.writeheader()
+    writer.writerows(result.per_class())
+    path.write_text(text.getvalue())
 
 
 def _figure(width: float, height: float):
@@ -281,7 +283,7 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-def _plot_confusion(result: EvalResult, path: pathlib.Path, title: str) -> pathlib.Path:
+def _plot_confusion(result: EvalResult, path: epath.Path, title: str) -> epath.Path:
     n_classes = len(result.class_names)
     named = n_classes <= MAX_NAMED_CLASSES
     side = min(4 + 0.4 * n_classes, 20) if named else 10
@@ -305,7 +307,7 @@ def _plot_confusion(result: EvalResult, path: pathlib.Path, title: str) -> pathl
         f"{_prefix(title)}top-1 {100 * result.top1:.2f}% ({result.n_errors}/{result.n} wrong)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fs.save_figure(fig, path, dpi=100)
     return path
 
 
@@ -323,7 +325,7 @@ def _image_at(images, index: int) -> np.ndarray:
     return image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image
 
 
-def _plot_errors(result: EvalResult, images, path: pathlib.Path, title: str):
+def _plot_errors(result: EvalResult, images, path: epath.Path, title: str):
     shown = sorted(result.errors, key=lambda e: -e["conf"])[:MAX_ERROR_IMAGES]
     cols = min(5, len(shown))
     rows = math.ceil(len(shown) / cols)
@@ -339,7 +341,7 @@ def _plot_errors(result: EvalResult, images, path: pathlib.Path, title: str):
         "confident: true / pred (conf)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fs.save_figure(fig, path, dpi=100)
     return path
 
 
@@ -348,7 +350,7 @@ def _series(history: Sequence[dict], key: str):
     return tuple(zip(*points, strict=True)) if points else ((), ())
 
 
-def _plot_curves(history, phase_switch_steps, path: pathlib.Path, title: str):
+def _plot_curves(history, phase_switch_steps, path: epath.Path, title: str):
     panels = (
         ("accuracy", (("train/accuracy", "training"), ("val/top1", "validation"))),
         ("loss", (("train/loss", "training"), ("val/loss", "validation"))),
@@ -372,7 +374,7 @@ def _plot_curves(history, phase_switch_steps, path: pathlib.Path, title: str):
         _epoch_axis(ax, history)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fs.save_figure(fig, path, dpi=100)
     return path
 
 

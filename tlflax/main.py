@@ -64,6 +64,23 @@ def _short(error: BaseException) -> str:
     return re.sub(r' Other fields present: ".*?"(?=\nDid you mean|$)', "", text, flags=re.S)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def _quiet_expected_warnings() -> None:
+    """orbax warns at every checkpoint saved without metrics; tlflax saves between
+    evaluations on purpose (kept by recency, ranked only when they carry val/top1)."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DropMessages) for f in absl.filters):
+        absl.addFilter(_DropMessages(("Requested `tracked_metric`; did not provide metrics",)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -71,10 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = argv.pop(1)
     # First: any logging call before it (absl's flag code makes some) would configure the
-    # root logger at WARNING and make this a no-op, silencing the run's log.
+    # root logger at WARNING and make this a no-op. When something configured the root
+    # logger already (an embedding program, a launcher), tlflax's own logger still says INFO.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("tlflax").setLevel(logging.INFO)
     for noisy in ("absl", "jax", "orbax"):  # orbax logs every save step by step at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_expected_warnings()
     # main() may run more than once in a process (tests, notebooks): start from the defaults,
     # also after a parse that failed half-way. (absl logs each reset at INFO; not news.)
     logging.disable(logging.INFO)
@@ -102,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"tlflax {command}: {e}", file=sys.stderr)
             return 2
-    from tlflax import cli, data  # heavy imports (jax) only after the flags parse
+    from tlflax import cli, data, fs  # heavy imports (jax) only after the flags parse
 
     try:
         return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
-    except data.DataError as e:  # the data cannot serve the run: the message says why
+    except (data.DataError, fs.FileSystemError) as e:  # the message says what and why
         print(f"tlflax {command}: {e}", file=sys.stderr)
         return 2
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import pathlib
+import os
 import sys
 import time
 from collections.abc import Mapping
+
+from tlflax import fs
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +24,17 @@ TENSORBOARD_DIR = "tensorboard"
 HPARAMS_FILE = "hparams.json"
 
 
-def _trim_partial_line(path: pathlib.Path) -> None:
-    """Drop a last line cut short by a crash: appending after a resume stays one record a line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+def _complete_lines(path) -> bytes:
+    """The file's bytes without a last line cut short by a crash, rewritten so (locally)
+    that appending after a resume stays one record a line."""
+    if not path.is_file():
+        return b""
     data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with path.open("rb+") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        if not fs.is_remote(path):
+            os.truncate(path, len(data))
+    return data
 
 
 def _as_float(name: str, value) -> float:
@@ -55,11 +60,54 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
     return flat
 
 
+class _LocalLines:
+    """Appends to a local file, flushed per record: a crash loses nothing."""
+
+    def __init__(self, path):
+        _complete_lines(path)
+        self._file = path.open("a")
+
+    def write(self, line: str) -> None:
+        self._file.write(line)
+        self._file.flush()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _RemoteLines:
+    """An object store has no append: the whole file is rewritten, at most every
+    `interval` seconds and on flush() (the trainer flushes before every checkpoint)."""
+
+    def __init__(self, path, *, interval: float = 10.0):
+        self._path, self._interval = path, interval
+        self._data = bytearray(_complete_lines(path))
+        self._written = time.monotonic()
+
+    def write(self, line: str) -> None:
+        self._data += line.encode()
+        if time.monotonic() - self._written >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        self._path.write_bytes(bytes(self._data))
+        self._written = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
 class MetricWriter:
-    """Scalars to workdir/metrics.jsonl and workdir/tensorboard/; no-op when not primary."""
+    """Scalars to workdir/metrics.jsonl and workdir/tensorboard/; no-op when not primary.
+
+    The workdir may be local or remote (gs://, s3://): see tlflax/fs.py.
+    """
 
     def __init__(self, workdir, *, is_primary: bool = True):
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = fs.path(workdir, what="workdir")
         self.is_primary = is_primary
         self._file = None
         self._tb = None
@@ -67,8 +115,7 @@ class MetricWriter:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / METRICS_FILE
-        _trim_partial_line(path)
-        self._file = path.open("a")
+        self._file = _RemoteLines(path) if fs.is_remote(path) else _LocalLines(path)
         self._tb = _open_tensorboard(self.workdir / TENSORBOARD_DIR)
 
     def write_scalars(self, step: int, scalars: Mapping) -> None:
@@ -78,7 +125,6 @@ class MetricWriter:
         # Python's json writes NaN / Infinity (and reads them back): a diverged loss stays visible.
         record = {"step": int(step), "time": time.time(), **values}
         self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a few lines per eval interval: cheap, and a crash loses nothing
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, int(step), walltime=record["time"])
@@ -113,7 +159,7 @@ class MetricWriter:
         self.close()
 
 
-def _open_tensorboard(logdir: pathlib.Path):
+def _open_tensorboard(logdir):
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
@@ -123,6 +169,8 @@ def _open_tensorboard(logdir: pathlib.Path):
             METRICS_FILE,
         )
         return None
+    if fs.is_remote(logdir):
+        fs.register_tensorboard_writers()
     return SummaryWriter(logdir=str(logdir), flush_secs=30)
 
 
@@ -133,7 +181,7 @@ def read_history(workdir) -> list[dict]:
     after its checkpoint; the abandoned records of those steps are dropped, so
     each (step, metric) appears once, from the run that continued.
     """
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = fs.path(workdir, what="workdir") / METRICS_FILE
     if not path.is_file():
         return []
     lines = path.read_text().split("\n")
@@ -172,62 +220,70 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class ProgressBar:
-    """One self-rewriting stderr line: step/total, rate, ETA and a few numbers.
+class Progress:
+    """What a person watching a run sees, on process 0 only.
 
-    enabled=None: only when stderr is a terminal (logs and CI stay clean).
-    Redraws at most every `min_interval` seconds; the rate counts from the first
-    update, so compilation before it does not skew the ETA.
+    On a terminal: a tqdm bar (step/total, rate, ETA, loss, lr) that log lines print above.
+    Without one (Slurm, nohup, ssh, CI): one log line per logging interval. Either way one
+    line per evaluation. The rate (and so the ETA) counts from the first interval, so
+    compilation before it does not skew it.
     """
 
-    def __init__(self, total_steps: int, *, enabled: bool | None = None, min_interval: float = 0.2):
+    def __init__(self, total_steps: int, *, start_step: int, steps_per_epoch: int,
+                 enabled: bool = True, tty: bool | None = None):  # fmt: skip
         self.total = max(int(total_steps), 1)
-        self.enabled = _stderr_is_tty() if enabled is None else bool(enabled)
-        self.min_interval = min_interval
-        self._start = None  # (time, step) of the first update
-        self._last_draw = -math.inf
-        self._drawn = False
-        self._width = 0
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.enabled = enabled
+        self._start = None  # (time, step) of the first interval
+        self._best = None  # (top1, step)
+        self._bar = self._redirect = None
+        if enabled and (_stderr_is_tty() if tty is None else tty):
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
-    def update(self, step: int, **postfix) -> None:
+            self._bar = tqdm(total=self.total, initial=start_step, file=sys.stderr,
+                             unit="step", dynamic_ncols=True, mininterval=0.2)  # fmt: skip
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
+
+    def interval(self, step: int, *, phase: str, scalars: Mapping) -> None:
+        """After a logging interval's host sync: scalars as written to metrics.jsonl."""
         if not self.enabled:
             return
         now = time.monotonic()
-        if self._start is None:
-            self._start = (now, step)
-        if now - self._last_draw < self.min_interval and step < self.total:
-            return
-        self._last_draw = now
-        self._draw(self.render(step, now=now, **postfix))
-
-    def render(self, step: int, *, now: float, **postfix) -> str:
-        t0, s0 = self._start or (now, step)
+        self._start = self._start or (now, step)
+        t0, s0 = self._start
         rate = (step - s0) / (now - t0) if now > t0 and step > s0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else math.inf
-        frac = min(max(step / self.total, 0.0), 1.0)
-        bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-        extras = " ".join(f"{k}={_short(v)}" for k, v in postfix.items())
-        text = f"{step}/{self.total} {100 * frac:3.0f}% [{bar}] {rate:.2f} step/s"
-        return f"{text} ETA {_duration(eta)} {extras}".rstrip()
+        lrs = [v for k, v in scalars.items() if k.startswith("lr/")]
+        lr = f"{max(lrs):.2e}" if lrs else "-"
+        loss = scalars.get("train/loss", math.nan)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{phase} loss={loss:.4g} lr={lr}", refresh=False)
+            self._bar.update(step - self._bar.n)
+            return
+        log.info(
+            "step %d/%d  epoch %.2f  phase %s  loss %.4f  lr %s  %.1f images/s  ETA %s",
+            step, self.total, step / self.steps_per_epoch, phase, loss, lr,
+            scalars.get("train/images_per_sec", math.nan), _duration(eta),
+        )  # fmt: skip
 
-    def _draw(self, text: str) -> None:
-        pad = " " * max(self._width - len(text), 0)  # erase a longer previous line
-        sys.stderr.write("\r" + text + pad)
-        sys.stderr.flush()
-        self._width = len(text)
-        self._drawn = True
+    def evaluated(self, step: int, *, phase: str, top1: float, loss: float) -> None:
+        if not self.enabled:
+            return
+        if self._best is None or top1 > self._best[0]:
+            self._best = (top1, step)
+        log.info(
+            "step %d/%d  epoch %.2f  phase %s  validation top-1 %.4f  loss %.4f  "
+            "(best %.4f at step %d)",
+            step, self.total, step / self.steps_per_epoch, phase, top1, loss, *self._best,
+        )  # fmt: skip
 
     def close(self) -> None:
-        if self._drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self._drawn = False
-
-
-def _short(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+        if self._bar is not None:
+            self._bar.close()
+            self._redirect.__exit__(None, None, None)
+            self._bar = self._redirect = None
 
 
 def _stderr_is_tty() -> bool:

@@ -7,15 +7,16 @@ import hashlib
 import itertools
 import json
 import logging
-import pathlib
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
-from tlflax import checkpointing, data, evaluate, losses, metrics_io, optim, sharding, state
+from tlflax import checkpointing, data, evaluate, fs, losses, metrics_io, optim, sharding, state
 from tlflax import preprocessing as pp
 from tlflax import weights as weights_lib
 from tlflax.models import create_model
@@ -110,7 +111,7 @@ def build_model(config, *, num_classes: int):
     )
 
 
-def setup(config, workdir: pathlib.Path, *, manifest_dir=None) -> Run:
+def setup(config, workdir: epath.Path, *, manifest_dir=None) -> Run:
     """Data and plan; the data report goes to manifest_dir (default: the workdir)."""
     spec_probe = build_model(config, num_classes=max(1, config.model.num_classes))
     prep = resolve_preprocessing(config, spec_probe)
@@ -257,7 +258,7 @@ def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
     return sharding.put_global(st, shardings), shardings
 
 
-def open_checkpointer(config, workdir: pathlib.Path) -> checkpointing.Checkpointer:
+def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
         workdir / "checkpoints",
         keep_last=config.train.keep_last,
@@ -360,7 +361,7 @@ def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, 
     return scalars
 
 
-def save_run_record(config, run: Run, workdir: pathlib.Path) -> None:
+def save_run_record(config, run: Run, workdir: epath.Path) -> None:
     """What eval / predict need later, and what a reader of the workdir wants to know."""
     if jax.process_index() != 0:
         return
@@ -377,8 +378,7 @@ def save_run_record(config, run: Run, workdir: pathlib.Path) -> None:
 
 def train_and_evaluate(config, workdir) -> dict:
     """Train per config, evaluating each epoch; returns the summary (also in summary.json)."""
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = fs.check_writable(fs.path(workdir, what="workdir"), what="workdir")
     t_start = time.time()
     sharding.maybe_initialize_distributed(
         enabled=config.train.distributed,
@@ -386,6 +386,8 @@ def train_and_evaluate(config, workdir) -> dict:
         num_processes=config.train.num_processes or None,
         process_id=None if config.train.process_id < 0 else config.train.process_id,
     )
+    if jax.process_index() != 0:  # one log for a multi-host run: process 0's
+        logging.getLogger("tlflax").setLevel(logging.WARNING)
     run = setup(config, workdir)
     save_run_record(config, run, workdir)
     for phase in run.phases:
@@ -398,8 +400,16 @@ def train_and_evaluate(config, workdir) -> dict:
     log_layout(run, st.params, shardings.params)
     eval_fn = make_eval_fn(run)
     step = int(jax.device_get(st.step))
+    progress = metrics_io.Progress(
+        run.total_steps,
+        start_step=step,
+        steps_per_epoch=run.steps_per_epoch,
+        enabled=jax.process_index() == 0,
+    )
     try:
-        phase_results = _train_loop(config, run, st, shardings, ckpt, writer, eval_fn, step)
+        phase_results = _train_loop(
+            config, run, st, shardings, ckpt, writer, eval_fn, step, progress
+        )
     except BaseException:
         # A save already under way holds a good state: let it complete before stopping.
         try:
@@ -407,25 +417,27 @@ def train_and_evaluate(config, workdir) -> dict:
         except Exception:  # noqa: BLE001 (the original error is the one to report)
             log.exception("waiting for the last checkpoint save failed")
         raise
+    finally:
+        progress.close()
     st = phase_results.pop("_state")
     ckpt.wait()
     final = phase_results.get(run.phases[-1].name) or run_eval(eval_fn, st, run)
+    test = final_test(config, run, workdir, ckpt, eval_fn)
     summary = _finish(
-        config, run, workdir, final, phase_results, ckpt, writer, time.time() - t_start
+        config, run, workdir, final, phase_results, ckpt, writer, time.time() - t_start, test
     )
     writer.close()
     ckpt.close()
     return summary
 
 
-def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: int) -> dict:
+def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: int, progress):
     total, spe = run.total_steps, run.steps_per_epoch
     phase_idx = phase_at(run.phases, step)
     train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
     eval_every = config.train.eval_every or spe
     ckpt_every = config.train.checkpoint_every or spe
     log_every = max(1, config.train.log_every)
-    bar = metrics_io.ProgressBar(total, enabled=None)
     results: dict = {}
     pending, t0, first = [], time.time(), step
     # One prefetching iterator for the whole run: no refill stall at epoch boundaries.
@@ -449,12 +461,13 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
                 t0=t0,
                 n_images=len(pending) * run.global_batch,
             )
-            bar.update(step, loss=scalars["train/loss"])
+            progress.interval(step, phase=run.phases[phase_idx].name, scalars=scalars)
             pending, first = [], step
         val = None
         if step % eval_every == 0 or step == total or phase_end:
             val = run_eval(eval_fn, st, run)
             writer.write_scalars(step, _val_scalars(val, epoch=step / spe))
+            progress.evaluated(step, phase=run.phases[phase_idx].name, top1=val.top1, loss=val.loss)
         if phase_end:
             results[run.phases[phase_idx].name] = val
             if phase_idx + 1 < len(run.phases):
@@ -467,12 +480,12 @@ def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: in
                 log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
         if save_now:
             check_finite_state(st, step)
+            writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
             ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
         if not pending:  # the interval after a flush times training only, not eval / saves
             t0 = time.time()
         if step >= total:
             break
-    bar.close()
     results["_state"] = st
     return results
 
@@ -534,7 +547,36 @@ def shardings_for(st, run: Run):
     )
 
 
-def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> dict:
+def final_test(config, run: Run, workdir: epath.Path, ckpt, eval_fn):
+    """The test split (train/ + val/ + test/), evaluated once, on the best checkpoint by
+    validation top-1: model selection never sees it. (name, step, result) or None."""
+    if run.datasets.test is None:
+        return None
+    step = ckpt.best_step()
+    step = ckpt.latest_step() if step is None else step
+    result = run_eval(eval_fn, restore(run, ckpt, step), run, split=run.datasets.test)
+    name = split_dir_name(run.datasets.manifest["splits"]["test"], "test")
+    if jax.process_index() == 0:
+        evaluate.write_reports(
+            result,
+            out_dir=workdir / f"eval_{name}_step{step}",
+            images=getattr(run.datasets.test, "images", None),
+            title=f"{config.model.name} step {step}, {name}",
+        )
+    log.info(
+        "test split %s at step %d (best validation top-1): top-1 %.4f", name, step, result.top1
+    )
+    return name, step, result
+
+
+def split_dir_name(report: dict, default: str) -> str:
+    """A folder-safe name of a split: the folder's name, or the TFDS split ('train[90%:]')."""
+    folder = report.get("folder")
+    text = epath.Path(folder).name if folder else report.get("split") or default
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or default
+
+
+def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test=None) -> dict:
     rows = []
     last_name = run.phases[-1].name
     phase_results[last_name] = final
@@ -548,6 +590,16 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> d
                     "val/top1": result.top1,
                 }
             )
+    shown = list(rows)
+    if test is not None:  # a separate, final evaluation: shown, not one of the phases
+        name, step, result = test
+        shown.append(
+            {
+                "strategy": f"test: {name} (step {step})",
+                "accuracy": f"{100 * result.top1:.2f} %",
+                "errors": f"{result.n_errors}/{result.n}",
+            }
+        )
     history = metrics_io.read_history(workdir)
     switches = [p.start_step for p in run.phases[1:]]
     if jax.process_index() == 0:
@@ -570,6 +622,7 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> d
         "best": _best_metrics(history),
         "best_step": ckpt.best_step(),
         "phases": rows,
+        "test": None if test is None else {"split": test[0], "step": test[1], **_scores(test[2])},
         "steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,
         "wall_time_s": wall,
@@ -580,8 +633,18 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall) -> d
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(evaluate.format_table(rows, ["strategy", "accuracy", "errors"]))
+        print(evaluate.format_table(shown, ["strategy", "accuracy", "errors"]))
     return summary
+
+
+def _scores(result) -> dict:
+    return {
+        "top1": result.top1,
+        "top5": result.top5,
+        "loss": result.loss,
+        "errors": result.n_errors,
+        "n": result.n,
+    }
 
 
 def _best_metrics(history) -> dict:

@@ -13,7 +13,7 @@ from tlflax.data.datasets import (
     MANIFEST,
     Datasets,
     build_datasets,
-    carves_validation,
+    eval_split_name,
     write_manifest,
 )
 from tlflax.data.decode import BadImageError, load_image
@@ -35,7 +35,7 @@ __all__ = [
     "DataError",
     "Datasets",
     "build_datasets",
-    "carves_validation",
+    "eval_split_name",
     "load_image",
     "prefetch_to_device",
     "write_manifest",

@@ -3,21 +3,24 @@
 The key is a hash of everything the pixels depend on (the file listing with sizes and
 mtimes, the stored size, the decode version, ...), so a changed folder or setting builds a
 new entry and a warm run reads plain .npy files without decoding (or TensorFlow) at all.
-Entries appear atomically (written aside, then renamed), so hosts sharing a cache
-directory never see half an entry.
+Entries appear atomically (written aside, then renamed; on an object store meta.json is
+written last and marks the entry complete), so hosts sharing a cache directory never see
+half an entry. The cache directory may be local or remote (gs://: see tlflax/fs.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
-import pathlib
 import re
-import shutil
 
 import numpy as np
+from etils import epath
+
+from tlflax import fs
 
 FORMAT_VERSION = 1
 
@@ -27,7 +30,7 @@ class CachedArrays:
     images: np.ndarray  # uint8 (n, S, S, 3)
     labels: np.ndarray  # int32 (n,), indices into meta['class_names']
     meta: dict  # class_names, bad / ignored files, where the pixels came from
-    path: pathlib.Path
+    path: epath.Path
     status: str  # 'built' (decoded by this run) or 'loaded' (reused from disk)
 
 
@@ -37,19 +40,31 @@ def key_of(parts: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def entry_path(cache_dir, *, kind: str, name: str, key: str) -> pathlib.Path:
+def entry_path(cache_dir, *, kind: str, name: str, key: str) -> epath.Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-60:] or "data"
-    return pathlib.Path(cache_dir) / f"{kind}-{slug}-{key}"
+    return fs.path(cache_dir, what="cache directory") / f"{kind}-{slug}-{key}"
 
 
-def load(path: pathlib.Path) -> CachedArrays | None:
+def _load_array(path: epath.Path) -> np.ndarray:
+    if not fs.is_remote(path):
+        return np.load(path)
+    return np.load(io.BytesIO(path.read_bytes()))
+
+
+def _save_array(path: epath.Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    path.write_bytes(buffer.getvalue())
+
+
+def load(path: epath.Path) -> CachedArrays | None:
     """The entry at `path`, or None when there is none (or it is unreadable: rebuilt)."""
     if not (path / "meta.json").is_file():
         return None
     try:
         meta = json.loads((path / "meta.json").read_text())
-        images = np.load(path / "images.npy")
-        labels = np.load(path / "labels.npy")
+        images = _load_array(path / "images.npy")
+        labels = _load_array(path / "labels.npy")
     except (OSError, ValueError):
         return None
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
@@ -57,16 +72,26 @@ def load(path: pathlib.Path) -> CachedArrays | None:
     return CachedArrays(images, labels.astype(np.int32), meta, path, "loaded")
 
 
-def save(path: pathlib.Path, *, images: np.ndarray, labels: np.ndarray, meta: dict) -> CachedArrays:
+def save(path: epath.Path, *, images: np.ndarray, labels: np.ndarray, meta: dict) -> CachedArrays:
+    labels = labels.astype(np.int32)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fs.is_remote(path):
+        # No atomic rename of a folder on an object store: meta.json, written last,
+        # is what load() looks for, so an entry without it is never read.
+        path.mkdir(parents=True, exist_ok=True)
+        _save_array(path / "images.npy", images)
+        _save_array(path / "labels.npy", labels)
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        return CachedArrays(images, labels, meta, path, "built")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        tmp.rmtree()
     tmp.mkdir()
     np.save(tmp / "images.npy", images)
-    np.save(tmp / "labels.npy", labels.astype(np.int32))
+    np.save(tmp / "labels.npy", labels)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.replace(tmp, path)
     except OSError:  # another host or run finished the same entry first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return CachedArrays(images, labels.astype(np.int32), meta, path, "built")
+        tmp.rmtree(missing_ok=True)
+    return CachedArrays(images, labels, meta, path, "built")

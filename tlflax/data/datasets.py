@@ -10,11 +10,12 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import pathlib
 
 import numpy as np
+from etils import epath
 
+from tlflax import fs
 from tlflax.data import digits, folder, splits
 from tlflax.data.folder import DataError
 
@@ -28,6 +29,7 @@ class Datasets:
     train: object  # splits.ArraySplit or tfds_source.StreamSplit
     eval: object
     manifest: dict
+    test: object | None = None  # a final, separate evaluation (folder test/ beside val/)
 
     @property
     def num_classes(self) -> int:
@@ -54,25 +56,26 @@ def build_datasets(
         raise ValueError(
             f"build_datasets: need 0 < image_size <= resize, got {image_size}, {resize}"
         )
-    cache_dir = data_config.cache_dir or os.path.join(workdir, "cache")
+    cache_dir = data_config.cache_dir or str(fs.path(workdir, what="workdir") / "cache")
     hosts = dict(process_index=process_index, process_count=process_count)
     source = data_config.source
     if source == "tfds":
         from tlflax.data import tfds_source  # imports TensorFlow only when not cached
 
-        class_names, train, evals, manifest = tfds_source.build(
+        class_names, train, evals, test, manifest = tfds_source.build(
             data_config, resize=resize, seed=seed, cache_dir=cache_dir, **hosts
         )
     elif source in ("folder", "digits"):
         parts = _folder_parts if source == "folder" else _digits_parts
-        train_part, eval_part = parts(data_config, resize=resize, seed=seed, cache_dir=cache_dir)
-        class_names = train_part.class_names
-        manifest = _manifest(data_config, train_part, eval_part)
-        train = splits.ArraySplit(
-            train_part.images, train_part.labels, name="train", seed=seed, **hosts
-        )
-        evals = splits.ArraySplit(
-            eval_part.images, eval_part.labels, name="eval", seed=seed, **hosts
+        *found, layout = parts(data_config, resize=resize, seed=seed, cache_dir=cache_dir)
+        named = dict(zip(("train", "eval", "test"), found, strict=True))
+        class_names = named["train"].class_names
+        manifest = _manifest(data_config, named, layout)
+        train, evals, test = (
+            None
+            if part is None
+            else splits.ArraySplit(part.images, part.labels, name=name, seed=seed, **hosts)
+            for name, part in named.items()
         )
     else:
         raise ValueError(
@@ -86,11 +89,11 @@ def build_datasets(
     finally:
         if process_index == 0:
             write_manifest(manifest_dir or workdir, manifest)
-    return Datasets(class_names, train, evals, manifest)
+    return Datasets(class_names, train, evals, manifest, test)
 
 
-def write_manifest(workdir, manifest: dict) -> pathlib.Path:
-    path = pathlib.Path(workdir) / MANIFEST
+def write_manifest(workdir, manifest: dict) -> epath.Path:
+    path = fs.path(workdir, what="workdir") / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1))
     return path
@@ -102,66 +105,137 @@ def write_manifest(workdir, manifest: dict) -> pathlib.Path:
 def _folder_parts(config, *, resize: int, seed: int, cache_dir):
     if not config.path:
         raise DataError("config.data.source='folder' needs config.data.path (the image root)")
+    if fs.is_remote(config.path):
+        raise DataError(
+            f"config.data.path={config.path!r}: image folders are read from a local or mounted "
+            "filesystem; copy it to the machine, mount the bucket (gcsfuse), or use TFDS "
+            "(config.data.tfds_data_dir may be on gs://)"
+        )
     root = pathlib.Path(config.path).expanduser()
     if not root.is_dir():
         raise DataError(f"config.data.path={str(root)!r} is not a folder")
-    train_dir, eval_dir = _layout(root, config)
+    layout = folder_layout(root, config)
     load = dict(
         resize=resize,
         max_pixels=config.max_image_pixels,
         workers=config.workers,
         cache_dir=cache_dir,
     )
-    train = folder.load_part(train_dir, class_names=None, split="train", **load)
-    if eval_dir is None:
-        return _carve(train, fraction=_fraction(config), seed=seed)
-    evals = folder.load_part(eval_dir, class_names=train.class_names, split="eval", **load)
-    return train, evals
+    train = folder.load_part(layout.train, class_names=None, split="train", **load)
+    test = None
+    if layout.test is not None:
+        test = folder.load_part(layout.test, class_names=train.class_names, split="test", **load)
+    if layout.eval is None:
+        train, evals = _carve(train, fraction=_fraction(config), seed=seed)
+    else:
+        evals = folder.load_part(layout.eval, class_names=train.class_names, split="eval", **load)
+    return train, evals, test, layout
 
 
 AUTO_VAL_FRACTION = 0.2  # config.data.val_fraction < 0 (auto) carves this much, if it must
+# config.data.eval_split '' (auto): the first of these folders next to train/ validates
+# (the PyTorch tutorials' val/, Keras' validation/, test/ when there is nothing else).
+VAL_FOLDERS = ("val", "valid", "validation", "test")
+AUTO = "auto"  # config.data.test_split: test/ when it is not the validation folder
 
 
-def _layout(root: pathlib.Path, config):
-    """(train folder, eval folder or None to carve a validation split out of train).
+@dataclasses.dataclass
+class Layout:
+    """Which folder serves which role; eval None: carved out of train."""
+
+    train: pathlib.Path
+    eval: pathlib.Path | None
+    test: pathlib.Path | None
+    unused: list[str]
+
+    def roles(self) -> dict:
+        name = lambda p: None if p is None else str(p)
+        return {
+            "train": name(self.train),
+            "eval": name(self.eval) if self.eval else "carved from train",
+            "test": name(self.test),
+            "unused": self.unused,
+        }
+
+
+def folder_layout(root: pathlib.Path, config) -> Layout:
+    """The roles of root's folders for this data config.
 
     val_fraction > 0 carves; 0 needs the folder's own eval split; < 0 (auto) uses the
-    folder's eval split when there is one and carves otherwise.
+    folder's eval split when there is one and carves otherwise. Sub-folders that serve no
+    role are listed as unused (and warned about), never silently dropped.
     """
     subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    auto = config.val_fraction < 0
-    if config.train_split in subdirs:
-        train_dir = root / config.train_split
-        if config.val_fraction > 0:
-            return train_dir, None
+    if config.train_split not in subdirs:
+        if config.val_fraction == 0:
+            raise DataError(
+                f"{root} has no {config.train_split!r} folder (found {subdirs[:8]}): for a "
+                "<class>/* layout set config.data.val_fraction (e.g. 0.2) to carve a "
+                "validation split"
+            )
+        return Layout(root, None, None, [])
+    eval_name = _eval_folder(root, config, subdirs)
+    test_name = config.test_split
+    if test_name == AUTO:
+        test_name = "test" if "test" in subdirs and eval_name != "test" else ""
+    elif test_name and test_name not in subdirs:
+        raise DataError(
+            f"{root} has no {test_name!r} folder for config.data.test_split (found {subdirs}); "
+            "name one of them, or '' for no final test evaluation"
+        )
+    used = {config.train_split, eval_name, test_name}
+    layout = Layout(
+        root / config.train_split,
+        root / eval_name if eval_name else None,
+        root / test_name if test_name else None,
+        [str(root / d) for d in subdirs if d not in used],
+    )
+    roles = ", ".join(f"{k}: {v}" for k, v in layout.roles().items() if k != "unused")
+    for path in layout.unused:
+        log.warning(
+            "%s is not used (%s); config.data.eval_split / test_split can name it", path, roles
+        )
+    return layout
+
+
+def _eval_folder(root: pathlib.Path, config, subdirs: list[str]) -> str:
+    """The validation folder's name next to train/, or '' to carve one out of train."""
+    if config.val_fraction > 0:
+        return ""
+    if config.eval_split:
         if config.eval_split in subdirs:
-            return train_dir, root / config.eval_split
-        if auto:
+            return config.eval_split
+        if config.val_fraction < 0:
             log.info("%s has no %r folder: carving the validation split", root, config.eval_split)
-            return train_dir, None
+            return ""
         raise DataError(
             f"{root} has no {config.eval_split!r} folder (found {subdirs}); set "
             "config.data.eval_split to one of them, or config.data.val_fraction > 0"
         )
-    if config.val_fraction == 0:
-        raise DataError(
-            f"{root} has no {config.train_split!r} folder (found {subdirs[:8]}): for a "
-            "<class>/* layout set config.data.val_fraction (e.g. 0.2) to carve a validation split"
-        )
-    return root, None
+    found = [name for name in VAL_FOLDERS if name in subdirs]
+    if found:
+        return found[0]
+    if config.val_fraction < 0:
+        log.info("%s has none of the folders %s: carving the validation split", root, VAL_FOLDERS)
+        return ""
+    raise DataError(
+        f"{root} has none of the validation folders {list(VAL_FOLDERS)} (found {subdirs}); "
+        "set config.data.eval_split to one of its folders, or config.data.val_fraction > 0"
+    )
 
 
-def carves_validation(config) -> bool:
-    """Whether this data config's validation split is carved out of train (not its own)."""
-    if config.source == "digits":
-        return True
+def eval_split_name(config) -> str:
+    """The validation split's name: its folder, the TFDS split, or 'val' when carved."""
+    if config.source == "tfds":
+        return config.eval_split or "test"
     if config.source != "folder":
-        return False
+        return "val"
     root = pathlib.Path(config.path).expanduser()
     try:
-        return _layout(root, config)[1] is None
-    except (DataError, OSError):
-        return config.val_fraction > 0
+        layout = folder_layout(root, config)
+    except (DataError, OSError):  # build_datasets says what is wrong with the folder
+        return config.eval_split or "val"
+    return "val" if layout.eval is None else layout.eval.name
 
 
 def _fraction(config) -> float:
@@ -193,11 +267,11 @@ def _digits_parts(config, *, resize: int, seed: int, cache_dir):
         "cache": {"path": str(arrays.path), "status": arrays.status},
     }
     whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report)
-    return _carve(whole, fraction=_fraction(config), seed=seed)
+    return (*_carve(whole, fraction=_fraction(config), seed=seed), None, None)
 
 
-def _manifest(config, train: folder.Part, evals: folder.Part) -> dict:
-    names = train.class_names
+def _manifest(config, parts: dict, layout: Layout | None) -> dict:
+    names = parts["train"].class_names
     manifest = {
         "source": config.source,
         "path": config.path,
@@ -206,10 +280,13 @@ def _manifest(config, train: folder.Part, evals: folder.Part) -> dict:
         "splits": {},
         "bad": [],
         "ignored": [],
-        "warnings": [],
+        "roles": layout.roles() if layout else None,
+        "warnings": [f"{path} is not used" for path in (layout.unused if layout else [])],
         "error": None,
     }
-    for split, part in (("train", train), ("eval", evals)):
+    for split, part in parts.items():
+        if part is None:
+            continue
         report = {k: v for k, v in part.report.items() if k not in ("bad", "ignored")}
         counts = np.bincount(part.labels, minlength=len(names)).tolist()
         report["n_images"] = int(len(part.labels))

@@ -22,7 +22,11 @@ TF_DECODE_VERSION = 1  # bump when the pixels of _resize_crop change (invalidate
 
 
 def build(config, *, resize: int, seed: int, cache_dir, process_index: int, process_count: int):
-    """(class_names, train split, eval split, manifest) for config.data.source='tfds'."""
+    """(class_names, train, eval, test or None, manifest) for config.data.source='tfds'.
+
+    eval_split '' is 'test'; test_split 'auto' or '' is none (name a split for a final,
+    separate evaluation, e.g. eval_split='validation', test_split='test').
+    """
     if not config.name:
         raise DataError("config.data.source='tfds' needs config.data.name, e.g. 'tf_flowers'")
     if config.val_fraction > 0:
@@ -34,7 +38,10 @@ def build(config, *, resize: int, seed: int, cache_dir, process_index: int, proc
     manifest = {"source": "tfds", "name": config.name, "splits": {}, "bad": [], "ignored": []}
     manifest.update(warnings=[], error=None)
     built, class_names = {}, None
-    for role, split in (("train", config.train_split), ("eval", config.eval_split)):
+    roles = [("train", config.train_split), ("eval", config.eval_split or "test")]
+    if config.test_split not in ("", "auto"):
+        roles.append(("test", config.test_split))
+    for role, split in roles:
         split_obj, names, report = _one_split(
             config, split, role=role, resize=resize, cache_dir=cache_dir, hosts=hosts
         )
@@ -44,7 +51,7 @@ def build(config, *, resize: int, seed: int, cache_dir, process_index: int, proc
         manifest["splits"][role] = report
     manifest["class_names"] = class_names
     manifest["class_to_index"] = {name: i for i, name in enumerate(class_names)}
-    return class_names, built["train"], built["eval"], manifest
+    return class_names, built["train"], built["eval"], built.get("test"), manifest
 
 
 def _cache_entry(config, split: str, resize: int, cache_dir):
