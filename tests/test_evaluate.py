@@ -202,10 +202,11 @@ def test_write_reports_creates_every_file(tmp_path, result):
         phase_switch_steps=(10,),
         title="toy",
     )
-    names = {"eval.json", "per_class.csv", "confusion.png", "errors.png", "curves.png"}
+    names = {"eval.json", "per_class.csv", "errors.csv", "confusion.png", "errors.png"}
+    names |= {"curves.png", "predictions.png"}
     assert set(written) == names
     assert {p.name for p in (tmp_path / "reports").iterdir()} == names
-    for name in ("confusion.png", "errors.png", "curves.png"):
+    for name in ("confusion.png", "errors.png", "curves.png", "predictions.png"):
         _png(written[name])
 
     report = json.loads(written["eval.json"].read_text())
@@ -220,6 +221,37 @@ def test_write_reports_creates_every_file(tmp_path, result):
     assert [r["class"] for r in rows] == CLASSES
     assert [int(r["support"]) for r in rows] == [3, 2, 1]
     assert float(rows[0]["recall"]) == pytest.approx(2 / 3)
+    # Without file names the misclassified examples are named by their index in the split.
+    assert [r["misclassified"] for r in rows] == ["#1", "#4", ""]
+
+
+def test_error_lists_name_the_files(tmp_path):
+    """eval.json, errors.csv and per_class.csv find every misclassified file."""
+    files = [f"/data/val/{c}/{i}.jpg" for c, i in zip(CLASSES * 2, range(6), strict=True)]
+    first = _outputs([0, 0, 0, 1], [0, 1, 0, 1], conf=[0.9, 0.8, 0.7, 0.6])
+    second = _outputs([1, 2, 0, 0], [2, 2, 1, 1], mask=[True, True, False, False])
+    res = evaluate.summarise([first, second], class_names=CLASSES, example_names=files)
+    assert [(e["file"], e["true"], e["pred"]) for e in res.errors] == [
+        (files[1], "cat", "dog"),
+        (files[4], "dog", "fox"),
+    ]
+    written = evaluate.write_reports(res, out_dir=tmp_path)
+    assert [e["file"] for e in json.loads(written["eval.json"].read_text())["errors"]] == [
+        files[1],
+        files[4],
+    ]
+    with written["errors.csv"].open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["file"], r["true"], r["pred"]) for r in rows] == [
+        (files[1], "cat", "dog"),
+        (files[4], "dog", "fox"),
+    ]
+    with written["per_class.csv"].open() as f:
+        per_class = {r["class"]: r for r in csv.DictReader(f)}
+    assert per_class["cat"]["misclassified"] == files[1] and per_class["cat"]["n_errors"] == "1"
+    assert per_class["fox"]["misclassified"] == ""
+    with pytest.raises(ValueError, match="3 example names for 6 examples"):
+        evaluate.summarise([first, second], class_names=CLASSES, example_names=files[:3])
 
 
 def test_write_reports_minimal_and_many_classes(tmp_path):
@@ -227,7 +259,7 @@ def test_write_reports_minimal_and_many_classes(tmp_path):
     labels, preds = rng.integers(0, 40, 300), rng.integers(0, 40, 300)
     res = evaluate.summarise([_outputs(labels, preds)], class_names=[f"k{i}" for i in range(40)])
     written = evaluate.write_reports(res, out_dir=tmp_path, history=[{"step": 1, "lr": 0.1}])
-    assert set(written) == {"eval.json", "per_class.csv", "confusion.png"}
+    assert set(written) == {"eval.json", "per_class.csv", "errors.csv", "confusion.png"}
     _png(written["confusion.png"])
     # Images by callable (e.g. loaded from file paths), in float [-1, 1].
     loader = lambda i: np.full((8, 8, 3), (i % 7) / 3.5 - 1.0, np.float32)

@@ -191,7 +191,11 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
     test = json.loads((workdir / "summary.json").read_text())["test"]
     assert (test["split"], test["step"], test["n"]) == ("test", best, sizes["test"])
     assert f"test: test (step {best})  {100 * test['top1']:.2f} %" in done.stdout
-    assert (workdir / f"eval_test_step{best}" / "errors.png").is_file() or test["errors"] == 0
+    errors = json.loads((workdir / f"eval_test_step{best}" / "eval.json").read_text())["errors"]
+    assert len(errors) == test["errors"]
+    for err in errors:  # each misclassified file, found on disk, in its true class's folder
+        path = pathlib.Path(err["file"])
+        assert path.is_file() and path.parent.name == err["true"], err
     manifest = (workdir / "data_manifest.json").read_text()
     n_val = round(0.25 * sizes["train"])
 
@@ -212,6 +216,22 @@ def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsy
 
     assert main.main(["tlflax", "eval", "--workdir", str(workdir), "--split", "nope"]) == 2
     assert "has no 'nope' folder (found ['test', 'train'])" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_tie_in_validation_top1_gives_one_best_step_everywhere(tmp_path, capsys):
+    """lr 0: every evaluation ties. summary.json's best, its best_step, the final test of the
+    run and what eval restores are one step (orbax's order: the latest of equal values)."""
+    workdir = tmp_path / "run"
+    _run(_train_cmd(workdir, "--config.optim.lr=0", "--config.optim.finetune_lr=0"))
+    top1 = {h["step"]: h["val/top1"] for h in _history(workdir) if "val/top1" in h}
+    assert sorted(top1) == [4, 8] and len(set(top1.values())) == 1  # a tie
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["best_step"] == summary["best"]["step"] == 8
+    assert [r["step"] for r in summary["phases"]] == [4, 8]
+    assert all("val/top5" in r for r in summary["phases"])
+    assert main.main(["tlflax", "eval", "--workdir", str(workdir)]) == 0
+    assert f"reports in {workdir / 'eval_val_step8'}" in capsys.readouterr().out
 
 
 @pytest.mark.slow

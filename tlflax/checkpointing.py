@@ -28,11 +28,12 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
 from tlflax import fs
+from tlflax.errors import UserError
 
 STATE_ITEM = "state"  # <directory>/<step>/state/ holds the train state
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's tree does not fit the state it is restored into."""
 
 

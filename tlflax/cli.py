@@ -9,13 +9,13 @@ import re
 import jax
 import numpy as np
 
-from tlflax import config_lib, data, evaluate, fs, optim, state, train, tree
+from tlflax import config_lib, data, errors, evaluate, fs, optim, state, train, tree
 from tlflax import preprocessing as pp
 
 
 def _need(value, flag: str, command: str):
     if not value:
-        raise SystemExit(f"tlflax {command}: --{flag} is required")
+        raise errors.UserError(f"--{flag} is required")
     return value
 
 
@@ -23,7 +23,7 @@ def cmd_train(flags, config, positional) -> int:
     _need(config, "config", "train")
     workdir = _need(flags.workdir, "workdir", "train")
     if positional:
-        raise SystemExit(f"tlflax train: unexpected arguments {positional}")
+        raise errors.UserError(f"unexpected arguments {positional}")
     train.train_and_evaluate(config, workdir)
     return 0
 
@@ -31,7 +31,7 @@ def cmd_train(flags, config, positional) -> int:
 def load_run(workdir):
     """Config, preprocessing, classes and plan of a finished (or running) workdir."""
     if not (workdir / "config.json").is_file():
-        raise SystemExit(f"{workdir} holds no config.json: is it a tlflax train workdir?")
+        raise errors.UserError(f"{workdir} holds no config.json: is it a tlflax train workdir?")
     config = config_lib.from_json((workdir / "config.json").read_text())
     prep = pp.Preprocessing.from_json((workdir / "preprocessing.json").read_text())
     classes = json.loads((workdir / "classes.json").read_text())
@@ -52,10 +52,9 @@ def restore_best(config, run, workdir):
 
 
 def best_step(ckpt, workdir) -> int:
-    step = ckpt.best_step()
-    step = ckpt.latest_step() if step is None else step
+    step = train.chosen_step(ckpt)
     if step is None:
-        raise SystemExit(f"{workdir}/checkpoints holds no complete checkpoint")
+        raise errors.UserError(f"{workdir}/checkpoints holds no complete checkpoint")
     return step
 
 
@@ -64,7 +63,7 @@ def with_eval_split(config, split: str):
     image root next to train/ (a run that carved its validation split out of train/ can
     still be evaluated on test/). The data layer says when the folder has no such split."""
     if config.data.source == "digits":
-        raise SystemExit("tlflax eval --split: the digits source has one split (carved); drop it")
+        raise errors.UserError("--split: the digits source has one split (carved); drop it")
     config.data.eval_split = split
     if config.data.source == "folder":
         config.data.val_fraction = 0.0  # the named folder, not a carved split
@@ -84,8 +83,8 @@ def cmd_eval(flags, config_unused, positional) -> int:
     # The data report of this evaluation goes with its results; the run's own stays.
     data_run = train.setup(config, workdir, manifest_dir=out)
     if data_run.datasets.class_names != classes:
-        raise SystemExit(
-            f"tlflax eval: the data's classes {data_run.datasets.class_names[:10]} are not the "
+        raise errors.UserError(
+            f"the data's classes {data_run.datasets.class_names[:10]} are not the "
             f"run's {classes[:10]} (classes.json)"
         )
     # The run's own plan (run.json) places `step` in its phase, whatever this data's size.
@@ -110,7 +109,7 @@ def cmd_eval(flags, config_unused, positional) -> int:
 def cmd_predict(flags, config_unused, positional) -> int:
     workdir = fs.path(_need(flags.workdir, "workdir", "predict"), what="--workdir")
     if not positional:
-        raise SystemExit("tlflax predict: give one or more image paths")
+        raise errors.UserError("give one or more image paths")
     config, run, classes = load_run(workdir)
     st, step = restore_best(config, run, workdir)
     eval_transform = data.augment.make_eval_transform(
@@ -141,7 +140,7 @@ def cmd_predict(flags, config_unused, positional) -> int:
 
 def cmd_inspect(flags, config, positional) -> int:
     if len(positional) != 1 and config is None:
-        raise SystemExit("tlflax inspect: give a MODEL name (or --config)")
+        raise errors.UserError("give a MODEL name (or --config)")
     if config is None:
         # Freezing as a run with no config of its own would have it: the base config's.
         config = config_lib.get_base_config()

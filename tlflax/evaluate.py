@@ -73,7 +73,10 @@ class EvalResult:
     recall: np.ndarray  # (C,) float64; 0 for a class without examples
     f1: np.ndarray
     support: np.ndarray  # (C,) int64 examples per true class
-    errors: list[dict]  # {index, [id,] true, pred, true_index, pred_index, conf}
+    errors: list[dict]  # {index, [file,] [id,] true, pred, true_index, pred_index, conf}
+    labels: np.ndarray = None  # (n,) true class per example, in the split's order
+    preds: np.ndarray = None  # (n,) predicted class
+    confs: np.ndarray = None  # (n,) the prediction's probability
 
     @property
     def macro_f1(self) -> float:
@@ -89,6 +92,9 @@ class EvalResult:
         return (self.support > 0) | (self.confusion.sum(axis=0) > 0)
 
     def per_class(self) -> list[dict]:
+        missed = {i: [] for i in range(len(self.class_names))}
+        for err in self.errors:
+            missed[err["true_index"]].append(_example_name(err))
         return [
             {
                 "class": name,
@@ -96,6 +102,8 @@ class EvalResult:
                 "recall": float(self.recall[i]),
                 "f1": float(self.f1[i]),
                 "support": int(self.support[i]),
+                "n_errors": len(missed[i]),
+                "misclassified": ";".join(missed[i]),  # files (folders) or ids, else #index
             }
             for i, name in enumerate(self.class_names)
         ]
@@ -134,12 +142,27 @@ def _concat(outputs: Sequence[dict]) -> dict[str, np.ndarray]:
     return {k: v[mask] for k, v in flat.items()}
 
 
-def summarise(outputs: Sequence[dict], *, class_names: Sequence[str]) -> EvalResult:
+def _example_name(err: dict) -> str:
+    return str(err.get("file") or err.get("id") or f"#{err['index']}")
+
+
+def summarise(
+    outputs: Sequence[dict], *, class_names: Sequence[str], example_names=None
+) -> EvalResult:
     """Host-side metrics from the eval step's outputs (numpy), masked-in examples only.
 
-    An example's `index` is its position among the masked-in examples, in order.
+    An example's `index` is its position among the masked-in examples, in order (the
+    split's order: eval is not shuffled); example_names[index] (file paths, TFDS ids) goes
+    into each error row as 'file'.
     """
     ex = _concat(outputs)
+    if example_names is not None:
+        if len(example_names) != ex["label"].size:
+            raise ValueError(
+                f"evaluate.summarise: {len(example_names)} example names for "
+                f"{ex['label'].size} examples; pass the split's names in its order"
+            )
+        ex["file"] = np.asarray(example_names)
     n_classes = len(class_names)
     labels, preds = ex["label"].astype(np.int64), ex["pred"].astype(np.int64)
     for name, values in (("label", labels), ("pred", preds)):
@@ -170,6 +193,9 @@ def summarise(outputs: Sequence[dict], *, class_names: Sequence[str]) -> EvalRes
         f1=f1,
         support=support,
         errors=[_error_row(i, ex, class_names) for i in wrong],
+        labels=labels,
+        preds=preds,
+        confs=ex["conf"].astype(np.float64),
     )
 
 
@@ -194,6 +220,8 @@ def _error_row(i: int, ex: dict, class_names) -> dict:
         "pred_index": pred,
         "conf": float(ex["conf"][i]),
     }
+    if "file" in ex:
+        row["file"] = str(ex["file"][i])
     if "id" in ex:
         value = ex["id"][i]
         row["id"] = value.item() if hasattr(value, "item") else value
@@ -244,7 +272,8 @@ def write_reports(
     phase_switch_steps: Sequence[int] = (),
     title: str = "",
 ) -> dict[str, epath.Path]:
-    """eval.json, per_class.csv, confusion.png [, errors.png] [, curves.png] in out_dir.
+    """eval.json, per_class.csv, errors.csv, confusion.png [, errors.png, predictions.png]
+    [, curves.png] in out_dir.
 
     images: the eval images by example index (an array (N, H, W, 3), a sequence, or a
     callable index -> image) for the grid of misclassified examples.
@@ -253,13 +282,17 @@ def write_reports(
     """
     out_dir = fs.path(out_dir, what="report folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"eval.json": out_dir / "eval.json", "per_class.csv": out_dir / "per_class.csv"}
+    written = {name: out_dir / name for name in ("eval.json", "per_class.csv", "errors.csv")}
     report = {"title": title, **result.to_dict()}
     written["eval.json"].write_text(json.dumps(report, indent=1))
-    _write_per_class_csv(result, written["per_class.csv"])
+    _write_csv(result.per_class(), written["per_class.csv"], PER_CLASS_COLUMNS)
+    _write_csv(result.errors, written["errors.csv"], ERROR_COLUMNS)
     written["confusion.png"] = _plot_confusion(result, out_dir / "confusion.png", title)
     if images is not None and result.errors:
         written["errors.png"] = _plot_errors(result, images, out_dir / "errors.png", title)
+    if images is not None and result.preds is not None and result.n:
+        path = out_dir / "predictions.png"
+        written["predictions.png"] = _plot_predictions(result, images, path, title)
     if history:
         path = _plot_curves(history, phase_switch_steps, out_dir / "curves.png", title)
         if path is not None:
@@ -267,11 +300,15 @@ def write_reports(
     return written
 
 
-def _write_per_class_csv(result: EvalResult, path: epath.Path) -> None:
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support", "n_errors", "misclassified")
+ERROR_COLUMNS = ("index", "file", "id", "true", "pred", "conf")
+
+
+def _write_csv(rows: Sequence[dict], path: epath.Path, columns: Sequence[str]) -> None:
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["class", "precision", "recall", "f1", "support"])
+    writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(result.per_class())
+    writer.writerows(rows)
     path.write_text(text.getvalue())
 
 
@@ -335,11 +372,34 @@ def _plot_errors(result: EvalResult, images, path: epath.Path, title: str):
         ax.axis("off")
     for ax, err in zip(axes.flat, shown, strict=False):
         ax.imshow(_image_at(images, err["index"]), cmap="gray")
-        ax.set_title(f"{err['true']} / {err['pred']} ({err['conf']:.2f})", fontsize=8)
+        ax.set_title(f"{err['true']} -> {err['pred']} ({err['conf']:.2f})", fontsize=8)
     fig.suptitle(
         f"{_prefix(title)}No of errors = {result.n_errors}/{result.n}; the {len(shown)} most "
-        "confident: true / pred (conf)"
+        "confident: true -> pred (conf)"
     )
+    fig.tight_layout()
+    fs.save_figure(fig, path, dpi=100)
+    return path
+
+
+def _plot_predictions(result: EvalResult, images, path: epath.Path, title: str, *, seed=0):
+    """A seeded random sample of the split, right and wrong alike: Actual / Pred."""
+    n_shown = min(MAX_ERROR_IMAGES, result.n)
+    shown = np.sort(np.random.default_rng(seed).choice(result.n, n_shown, replace=False))
+    cols = min(5, n_shown)
+    rows = math.ceil(n_shown / cols)
+    fig = _figure(2.6 * cols, 3.1 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    names = result.class_names
+    for ax, i in zip(axes.flat, shown, strict=False):
+        true, pred = int(result.labels[i]), int(result.preds[i])
+        ax.imshow(_image_at(images, int(i)), cmap="gray")
+        colour = "black" if true == pred else "red"
+        text = f"Actual: {names[true]}\nPred: {names[pred]} ({result.confs[i]:.2f})"
+        ax.set_title(text, fontsize=8, color=colour)
+    fig.suptitle(f"{_prefix(title)}{n_shown} random examples of {result.n} (errors in red)")
     fig.tight_layout()
     fs.save_figure(fig, path, dpi=100)
     return path

@@ -18,12 +18,14 @@ import uuid
 
 from etils import epath
 
+from tlflax.errors import UserError
+
 # Schemes epath opens (gs, s3 and az through tf.io.gfile or fsspec); hf:// is read-only.
 WRITABLE_SCHEMES = ("gs", "s3", "az")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-class FileSystemError(ValueError):
+class FileSystemError(UserError, ValueError):
     """A path that cannot be opened; the message says which path, why and what to do."""
 
 

@@ -100,8 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.INFO)
     FLAGS.unparse_flags()
     logging.disable(logging.NOTSET)
+    parsed = _parse(command, argv)
+    if parsed is None:
+        return 2
+    config, positional = parsed
+    from tlflax import cli, errors  # heavy imports (jax) only after the flags parse
+
+    try:
+        return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
+    except errors.UserError as e:  # the message says what, why and what to do
+        _say(command, e)
+        return 2
+
+
+def _parse(command: str, argv: list[str]):
+    """(config, positional arguments), or None once it has said why the flags do not work."""
+    # ml_collections reads the --config.x=y overrides from sys.argv, not from the list given
+    # to FLAGS: an in-process call (tests, notebooks, launchers) must show it its own argv.
+    saved, sys.argv = sys.argv, argv
     try:
         positional = FLAGS(argv)[1:]
+        config = _CONFIG.value
+        if config is not None:
+            config.get("seed")  # a config file that could not be loaded raises on first use
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         # Raised while the config file's get_config() ran (absl wraps its ValueError and
         # TypeError in a flags.Error): a key that does not exist (the base config is
@@ -109,26 +130,24 @@ def main(argv: list[str] | None = None) -> int:
         # Otherwise a --config.x=y override that names no key, or a value of the wrong type.
         inner = _from_get_config(e)
         if inner is not None:
-            print(f"tlflax {command}: bad config{_where(inner)}: {_short(inner)}", file=sys.stderr)
+            _say(command, f"bad config{_where(inner)}: {_short(inner)}")
         elif isinstance(e, flags.Error):
-            print(f"tlflax {command}: {e}", file=sys.stderr)
+            _say(command, e)
         else:
-            print(f"tlflax {command}: no such config key {_short(e)}", file=sys.stderr)
-        return 2
-    config = _CONFIG.value
-    if config is not None:
-        try:
-            config.get("seed")  # a config file that could not be loaded raises on first use
-        except OSError as e:
-            print(f"tlflax {command}: {e}", file=sys.stderr)
-            return 2
-    from tlflax import cli, data, fs  # heavy imports (jax) only after the flags parse
+            _say(command, f"no such config key {_short(e)}")
+        return None
+    except OSError as e:
+        _say(command, e)
+        return None
+    finally:
+        sys.argv = saved
+    return config, positional
 
-    try:
-        return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)
-    except (data.DataError, fs.FileSystemError) as e:  # the message says what and why
-        print(f"tlflax {command}: {e}", file=sys.stderr)
-        return 2
+
+def _say(command: str, message) -> None:
+    """A user error: one line on stderr, whatever line breaks the message had."""
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"tlflax {command}: {text}", file=sys.stderr)
 
 
 if __name__ == "__main__":

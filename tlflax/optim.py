@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from tlflax import schedules, tree
+from tlflax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 STRATEGIES = ("linear_probe", "last_k", "full", "two_phase")
@@ -83,7 +84,7 @@ def validate(c) -> None:
     _check_choice("finetune_optimizer", c.finetune_optimizer, ("",) + OPTIMIZERS)
     _check_choice("schedule", c.schedule, schedules.SCHEDULES)
     if c.strategy and c.groups:
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.strategy={c.strategy!r} writes the groups, but config.optim.groups "
             "is set too; set strategy='' to use your groups, or clear groups"
         )
@@ -101,9 +102,9 @@ def validate(c) -> None:
     _check_range("stage_divisor", c.stage_divisor, lo=1)
     _check_range("k", c.k, lo=0)
     if int(c.accum_steps) != c.accum_steps or c.accum_steps < 1:
-        raise ValueError(f"config.optim.accum_steps must be an integer >= 1, got {c.accum_steps}")
+        raise ConfigError(f"config.optim.accum_steps must be an integer >= 1, got {c.accum_steps}")
     if c.moment_dtype and not jnp.issubdtype(jnp.dtype(c.moment_dtype), jnp.floating):
-        raise ValueError(f"config.optim.moment_dtype={c.moment_dtype!r} is not a float dtype")
+        raise ConfigError(f"config.optim.moment_dtype={c.moment_dtype!r} is not a float dtype")
     for pattern in c.no_decay:
         _compile(pattern, where="config.optim.no_decay")
     if c.strategy == "two_phase":
@@ -113,21 +114,21 @@ def validate(c) -> None:
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
         shown = ", ".join(repr(x) for x in choices)
-        raise ValueError(f"config.optim.{key}={value!r} is unknown; use one of {shown}")
+        raise ConfigError(f"config.optim.{key}={value!r} is unknown; use one of {shown}")
 
 
 def _check_range(key, value, *, lo, hi=math.inf, lo_open=False, hi_open=True) -> None:
     ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
     if not (ok and math.isfinite(value)):
         span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"config.optim.{key}={value!r} must lie in {span}")
+        raise ConfigError(f"config.optim.{key}={value!r} must lie in {span}")
 
 
 def _compile(pattern, *, where: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, TypeError) as e:
-        raise ValueError(f"{where}: {pattern!r} is not a regex ({e})") from None
+        raise ConfigError(f"{where}: {pattern!r} is not a regex ({e})") from None
 
 
 def _two_phase_lengths(c, *, steps_per_epoch: int) -> tuple[int, int]:
@@ -135,7 +136,7 @@ def _two_phase_lengths(c, *, steps_per_epoch: int) -> tuple[int, int]:
     for what in ("probe", "finetune"):
         n = schedules.steps_of(c, what, steps_per_epoch=steps_per_epoch, where="config.optim")
         if n < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"config.optim.strategy='two_phase' needs {what}_epochs or {what}_steps > 0 "
                 "(seeds: probe_epochs=16, finetune_epochs=8)"
             )
@@ -150,7 +151,7 @@ def total_steps(optim_config, *, steps_per_epoch: int, train_config) -> int:
         return sum(_two_phase_lengths(optim_config, steps_per_epoch=steps_per_epoch))
     n = int(train_config.steps) or round(train_config.epochs * steps_per_epoch)
     if n < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.train: epochs={train_config.epochs}, steps={train_config.steps} make "
             f"{n} steps at {steps_per_epoch} steps per epoch; train for at least one step"
         )
@@ -163,18 +164,18 @@ def total_steps(optim_config, *, steps_per_epoch: int, train_config) -> int:
 def parse_rules(groups, *, where: str = "config.optim.groups") -> list[Rule]:
     """(regex, rule) pairs -> Rules, each checked (a regex, lr_mult > 0, known keys)."""
     if not groups:
-        raise ValueError(
+        raise ConfigError(
             f"{where} is empty: give (regex, rule) pairs, e.g. (('head/.*', {{}}), "
             "('.*', None)), or set config.optim.strategy"
         )
     rules, labels = [], set()
     for i, pair in enumerate(groups):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
-            raise ValueError(f"{where}[{i}] = {pair!r} is not a (regex, rule) pair")
+            raise ConfigError(f"{where}[{i}] = {pair!r} is not a (regex, rule) pair")
         _compile(pair[0], where=f"{where}[{i}]")
         rule = Rule(i, pair[0], FROZEN) if pair[1] is None else _parse_rule(i, *pair, where=where)
         if not rule.frozen and rule.label in labels:
-            raise ValueError(f"{where}[{i}]: group name {rule.label!r} is used twice")
+            raise ConfigError(f"{where}[{i}]: group name {rule.label!r} is used twice")
         labels.add(rule.label)
         rules.append(rule)
     return rules
@@ -183,24 +184,24 @@ def parse_rules(groups, *, where: str = "config.optim.groups") -> list[Rule]:
 def _parse_rule(i: int, regex: str, rule, *, where: str) -> Rule:
     where = f"{where}[{i}] ({regex!r})"
     if not isinstance(rule, Mapping):
-        raise ValueError(f"{where}: the rule must be None (frozen) or a dict, got {rule!r}")
+        raise ConfigError(f"{where}: the rule must be None (frozen) or a dict, got {rule!r}")
     unknown = sorted(set(rule) - set(RULE_DEFAULTS))
     if unknown:
-        raise ValueError(f"{where}: unknown rule key(s) {unknown}; known: {list(RULE_DEFAULTS)}")
+        raise ConfigError(f"{where}: unknown rule key(s) {unknown}; known: {list(RULE_DEFAULTS)}")
     r = {**RULE_DEFAULTS, **rule}
     if not (isinstance(r["lr_mult"], (int, float)) and 0 < r["lr_mult"] < math.inf):
-        raise ValueError(
+        raise ConfigError(
             f"{where}: lr_mult={r['lr_mult']!r} must be > 0; to freeze these leaves "
             "make the rule None"
         )
     if not (isinstance(r["wd_mult"], (int, float)) and 0 <= r["wd_mult"] < math.inf):
-        raise ValueError(f"{where}: wd_mult={r['wd_mult']!r} must be >= 0")
+        raise ConfigError(f"{where}: wd_mult={r['wd_mult']!r} must be >= 0")
     sched = r["schedule"]
     if isinstance(sched, str):
         sched = {"schedule": sched}
     if sched is not None:
         if not isinstance(sched, Mapping) or set(sched) - set(schedules.KEYS):
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: schedule={sched!r} must be a schedule name or a dict with keys "
                 f"from {schedules.KEYS}"
             )
@@ -208,7 +209,7 @@ def _parse_rule(i: int, regex: str, rule, *, where: str) -> Rule:
         _check_choice("schedule", kind, schedules.SCHEDULES)
     label = r["name"] or f"rule{i}"
     if label == FROZEN:
-        raise ValueError(f"{where}: the name {FROZEN!r} is reserved for frozen rules (None)")
+        raise ConfigError(f"{where}: the name {FROZEN!r} is reserved for frozen rules (None)")
     return Rule(i, regex, label, float(r["lr_mult"]), float(r["wd_mult"]), sched)
 
 
@@ -224,7 +225,7 @@ def assign(rules: list[Rule], names: list[str], *, where: str) -> dict[str, Rule
             owner[name] = found
     if unmatched:
         more = f" (and {len(unmatched) - 1} more, e.g. {unmatched[1:4]})" if unmatched[1:] else ""
-        raise ValueError(
+        raise ConfigError(
             f"{where}: no rule matches {unmatched[0]}{more}; add a rule for it or a final "
             "('.*', ...) rule (None to freeze the rest)"
         )
@@ -234,7 +235,7 @@ def assign(rules: list[Rule], names: list[str], *, where: str) -> dict[str, Rule
             hits = [n for n in names if pattern.fullmatch(n)]
             why = "matches no parameter" if not hits else "only matches leaves earlier rules own"
             example = f", e.g. {hits[0]}" if hits else f"; names look like {names[0]}"
-            raise ValueError(
+            raise ConfigError(
                 f"{where}[{rule.index}]: regex {rule.regex!r} {why}{example}; fix or remove it"
             )
     return owner
@@ -246,7 +247,7 @@ def assign(rules: list[Rule], names: list[str], *, where: str) -> dict[str, Rule
 def strategy_groups(strategy: str, c, *, spec, names: list[str], lr_decay: str) -> tuple:
     """The (regex, rule) pairs of a preset, for this model's parameter names."""
     if strategy == "last_k" and c.k > spec.n_stages:
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.k={c.k} but {spec.name} has {spec.n_stages} stages below the head "
             f"(0 = stem ... {spec.n_stages - 1}); use k <= {spec.n_stages}"
         )
@@ -360,7 +361,7 @@ def _plans(c, *, spec, names, spe: int, total: int) -> list[_Plan]:
         return [_Plan(name, 0, total, *rest) for name, *rest in phases]
     probe, finetune = _two_phase_lengths(c, steps_per_epoch=spe)
     if total != probe + finetune:
-        raise ValueError(
+        raise ConfigError(
             f"two_phase: total_steps={total} but the phases take {probe} + {finetune} steps; "
             "get the total from optim.total_steps"
         )
@@ -374,13 +375,13 @@ def _owners(c, name: str, groups, names) -> tuple[str, list[Rule], dict[str, Rul
     rules = parse_rules(groups, where=where)
     owner = assign(rules, names, where=where)
     if all(r.frozen for r in owner.values()):
-        raise ValueError(f"{where}: every parameter is frozen; nothing would train")
+        raise ConfigError(f"{where}: every parameter is frozen; nothing would train")
     return where, rules, owner
 
 
 def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
     if plan.end <= plan.start:
-        raise ValueError(f"phase {plan.name}: steps {plan.start}..{plan.end} is empty")
+        raise ConfigError(f"phase {plan.name}: steps {plan.start}..{plan.end} is empty")
     names = tree.names(params)
     where, rules, owner = _owners(c, plan.name, plan.groups, names)
     labels = tree.unflatten({n: owner[n].label for n in names})
@@ -556,7 +557,7 @@ def track_ema(decay: float, *, trainable) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("track_ema needs params: call tx.update(grads, state, params)")
+            raise ConfigError("track_ema needs params: call tx.update(grads, state, params)")
         new = jax.tree_util.tree_map(lambda p, u: p + u, pick(params), pick(updates))
         ema = jax.tree_util.tree_map(
             lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), state.ema, new

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tlflax.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine", "linear", "step", "inverse_time")
 # The schedule keys of config.optim; a group rule's `schedule` override may set any of them.
 KEYS = (
@@ -32,9 +34,9 @@ def steps_of(values: Mapping[str, Any], what: str, *, steps_per_epoch: int, wher
     """`<what>_steps` or `<what>_epochs` (at most one set) in steps; 0 when neither is."""
     steps, epochs = values[f"{what}_steps"], values[f"{what}_epochs"]
     if steps < 0 or epochs < 0:
-        raise ValueError(f"{where}.{what}_steps / _epochs must be >= 0, got {steps} / {epochs}")
+        raise ConfigError(f"{where}.{what}_steps / _epochs must be >= 0, got {steps} / {epochs}")
     if steps and epochs:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: both {what}_steps={steps} and {what}_epochs={epochs} are set; "
             "give the duration in one unit only (set the other to 0)"
         )
@@ -67,23 +69,23 @@ def resolve(values: Mapping[str, Any], *, steps_per_epoch: int, length: int, whe
     """Schedule keys (config.optim, maybe with a group's overrides) -> Schedule in steps."""
     kind = values["schedule"]
     if kind not in SCHEDULES:
-        raise ValueError(f"{where}.schedule={kind!r} is unknown; use one of {SCHEDULES}")
+        raise ConfigError(f"{where}.schedule={kind!r} is unknown; use one of {SCHEDULES}")
     warmup = steps_of(values, "warmup", steps_per_epoch=steps_per_epoch, where=where)
     every = steps_of(values, "decay_every", steps_per_epoch=steps_per_epoch, where=where)
     if warmup and warmup >= length:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: warmup of {warmup} steps does not fit in a phase of {length} steps; "
             "shorten warmup_steps / warmup_epochs"
         )
     if kind in ("step", "inverse_time") and every < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{where}.schedule={kind!r} needs decay_every_steps or decay_every_epochs > 0 "
             "(Keras' legacy `decay` argument is inverse_time with decay_every_steps=1)"
         )
     if not 0 <= values["end_lr_mult"] <= 1:
-        raise ValueError(f"{where}.end_lr_mult must be in [0, 1], got {values['end_lr_mult']}")
+        raise ConfigError(f"{where}.end_lr_mult must be in [0, 1], got {values['end_lr_mult']}")
     if values["decay_rate"] < 0:
-        raise ValueError(f"{where}.decay_rate must be >= 0, got {values['decay_rate']}")
+        raise ConfigError(f"{where}.decay_rate must be >= 0, got {values['decay_rate']}")
     return Schedule(
         kind=kind,
         length=length,

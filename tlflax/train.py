@@ -19,12 +19,13 @@ from etils import epath
 from tlflax import checkpointing, data, evaluate, fs, losses, metrics_io, optim, sharding, state
 from tlflax import preprocessing as pp
 from tlflax import weights as weights_lib
+from tlflax.errors import ConfigError, UserError
 from tlflax.models import create_model
 
 log = logging.getLogger("tlflax")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     pass
 
 
@@ -130,7 +131,7 @@ def setup(config, workdir: epath.Path, *, manifest_dir=None) -> Run:
     global_batch = config.data.batch_size
     steps_per_epoch = datasets.train.batches_per_epoch(global_batch)
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"config.data.batch_size={global_batch} is larger than the training set "
             f"({datasets.train.n_examples} images); lower it"
         )
@@ -149,7 +150,7 @@ BN_MODES = ("frozen", "train")
 def check_config(config, spec, prep) -> None:
     """What can be checked from the config and the model alone."""
     if config.train.bn_mode not in BN_MODES:
-        raise ValueError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
+        raise ConfigError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
     params = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))["params"]
     optim.check_groups(config.optim, params=params, spec=spec)
 
@@ -188,7 +189,7 @@ def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None)
 def check_num_classes(config, datasets) -> int:
     found = datasets.num_classes
     if config.model.num_classes and config.model.num_classes != found:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.num_classes={config.model.num_classes} but the data has {found} "
             f"classes ({', '.join(datasets.class_names[:10])}{'...' if found > 10 else ''}); "
             "set it to 0 to take the count from the data"
@@ -256,6 +257,14 @@ def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
     variables = initial_variables(config, run)
     st = state.create(variables=variables, tx=phase.tx, seed=config.seed)
     return sharding.put_global(st, shardings), shardings
+
+
+def chosen_step(ckpt: checkpointing.Checkpointer) -> int | None:
+    """The one checkpoint a run stands for, everywhere (summary, test split, eval, predict,
+    export): the best by validation top-1, ties to the latest (orbax's order); else the
+    latest when none carries metrics."""
+    best = ckpt.best_step()
+    return ckpt.latest_step() if best is None else best
 
 
 def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer:
@@ -329,6 +338,7 @@ def run_eval(eval_fn, st, run: Run, *, split=None):
     return evaluate.summarise(
         [jax.tree_util.tree_map(np.asarray, g) for g in gathered],
         class_names=run.datasets.class_names,
+        example_names=split.names,
     )
 
 
@@ -552,8 +562,7 @@ def final_test(config, run: Run, workdir: epath.Path, ckpt, eval_fn):
     validation top-1: model selection never sees it. (name, step, result) or None."""
     if run.datasets.test is None:
         return None
-    step = ckpt.best_step()
-    step = ckpt.latest_step() if step is None else step
+    step = chosen_step(ckpt)
     result = run_eval(eval_fn, restore(run, ckpt, step), run, split=run.datasets.test)
     name = split_dir_name(run.datasets.manifest["splits"]["test"], "test")
     if jax.process_index() == 0:
@@ -577,38 +586,16 @@ def split_dir_name(report: dict, default: str) -> str:
 
 
 def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test=None) -> dict:
-    rows = []
-    last_name = run.phases[-1].name
-    phase_results[last_name] = final
-    for name, result in phase_results.items():
-        if result is not None:
-            rows.append(
-                {
-                    "strategy": name,
-                    "accuracy": f"{100 * result.top1:.2f} %",
-                    "errors": f"{result.n_errors}/{result.n}",
-                    "val/top1": result.top1,
-                }
-            )
-    shown = list(rows)
-    if test is not None:  # a separate, final evaluation: shown, not one of the phases
-        name, step, result = test
-        shown.append(
-            {
-                "strategy": f"test: {name} (step {step})",
-                "accuracy": f"{100 * result.top1:.2f} %",
-                "errors": f"{result.n_errors}/{result.n}",
-            }
-        )
+    phase_results[run.phases[-1].name] = final
+    rows = _phase_rows(run, phase_results)
     history = metrics_io.read_history(workdir)
-    switches = [p.start_step for p in run.phases[1:]]
     if jax.process_index() == 0:
         evaluate.write_reports(
             final,
             out_dir=workdir / "reports",
             images=getattr(run.datasets.eval, "images", None),  # streamed splits keep none
             history=history,
-            phase_switch_steps=switches,
+            phase_switch_steps=[p.start_step for p in run.phases[1:]],
             title=config.model.name,
         )
     summary = {
@@ -619,8 +606,8 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test
             "errors": final.n_errors,
             "n": final.n,
         },
-        "best": _best_metrics(history),
-        "best_step": ckpt.best_step(),
+        "best": _metrics_at(history, chosen_step(ckpt)),
+        "best_step": chosen_step(ckpt),
         "phases": rows,
         "test": None if test is None else {"split": test[0], "step": test[1], **_scores(test[2])},
         "steps": run.total_steps,
@@ -633,8 +620,37 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(evaluate.format_table(shown, ["strategy", "accuracy", "errors"]))
+        print(evaluate.format_table(rows + _test_rows(test), TABLE_COLUMNS))
     return summary
+
+
+TABLE_COLUMNS = ("strategy", "accuracy", "top-5", "errors")
+
+
+def _phase_rows(run: Run, phase_results: dict) -> list[dict]:
+    """One row per phase: its last evaluation (the phase's end step)."""
+    ends = {p.name: p.end_step for p in run.phases}
+    return [
+        {"strategy": name, "step": ends[name], **_table_cells(result), **_val_scalars(result)}
+        for name, result in phase_results.items()
+        if result is not None
+    ]
+
+
+def _test_rows(test) -> list[dict]:
+    """The test split's row: a separate, final evaluation, shown but not one of the phases."""
+    if test is None:
+        return []
+    name, step, result = test
+    return [{"strategy": f"test: {name} (step {step})", **_table_cells(result)}]
+
+
+def _table_cells(result) -> dict:
+    return {
+        "accuracy": f"{100 * result.top1:.2f} %",
+        "top-5": f"{100 * result.top5:.2f} %",
+        "errors": f"{result.n_errors}/{result.n}",
+    }
 
 
 def _scores(result) -> dict:
@@ -647,9 +663,9 @@ def _scores(result) -> dict:
     }
 
 
-def _best_metrics(history) -> dict:
-    evals = [h for h in history if "val/top1" in h]
+def _metrics_at(history, step) -> dict:
+    """The validation metrics logged at `step` (the chosen checkpoint's)."""
+    evals = [h for h in history if "val/top1" in h and h["step"] == step]
     if not evals:
         return {}
-    best = max(evals, key=lambda h: h["val/top1"])
-    return {k: best[k] for k in ("step", "val/top1", "val/top5", "val/loss") if k in best}
+    return {k: evals[-1][k] for k in ("step", "val/top1", "val/top5", "val/loss") if k in evals[-1]}

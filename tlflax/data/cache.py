@@ -22,7 +22,7 @@ from etils import epath
 
 from tlflax import fs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json lists the decoded files (error lists name them)
 
 
 @dataclasses.dataclass

@@ -245,9 +245,9 @@ def _fraction(config) -> float:
 def _carve(part: folder.Part, *, fraction: float, seed: int):
     train_idx, val_idx = splits.stratified_split(part.labels, fraction=fraction, seed=seed)
     report = dict(part.report, carved={"val_fraction": fraction, "seed": seed})
-    train = folder.Part(part.images[train_idx], part.labels[train_idx], part.class_names, report)
-    evals = folder.Part(
-        part.images[val_idx], part.labels[val_idx], part.class_names, {"carved_from": "train"}
+    train, evals = (
+        folder.Part(part.images[idx], part.labels[idx], part.class_names, rep, part.names[idx])
+        for idx, rep in ((train_idx, report), (val_idx, {"carved_from": "train"}))
     )
     return train, evals
 
@@ -266,7 +266,8 @@ def _digits_parts(config, *, resize: int, seed: int, cache_dir):
         "files_per_class": {},
         "cache": {"path": str(arrays.path), "status": arrays.status},
     }
-    whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report)
+    ids = np.asarray([f"sklearn_digits[{i}]" for i in range(len(arrays.labels))], dtype=str)
+    whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report, ids)
     return (*_carve(whole, fraction=_fraction(config), seed=seed), None, None)
 
 

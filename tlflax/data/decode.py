@@ -30,6 +30,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tlflax.errors import UserError
+
 DECODE_VERSION = 1  # bump when the pixels this module produces change (invalidates caches)
 _EXIF_ORIENTATION = 0x0112
 _DRAFT_GAP = 2.0  # draft never shrinks a JPEG below this multiple of the target size
@@ -41,7 +43,7 @@ REASONS = ("empty_file", "not_an_image", "too_large", "truncated", "corrupt", "u
 # ... and "crashed_decoder" when the decoding process itself died on the file.
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """A file that is not a decodable image; `reason` is one of REASONS."""
 
     def __init__(self, path, reason: str, detail: str):

@@ -16,9 +16,10 @@ import pathlib
 import numpy as np
 
 from tlflax.data import cache, decode
+from tlflax.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot make a usable dataset; the message says which file or folder and why."""
 
 
@@ -40,6 +41,7 @@ class Part:
     labels: np.ndarray  # int32 index into class_names
     class_names: list[str]  # the dataset's classes (the training folder's)
     report: dict  # what the manifest says about this folder
+    names: np.ndarray  # str (n,): each image's file path (or another source's id)
 
 
 def list_folder(directory: pathlib.Path) -> Listing:
@@ -107,6 +109,7 @@ def decode_listing(
         "directory": str(listing.directory),
         "class_names": listing.class_names,
         "n_files": len(listing.files),
+        "files": [f for f, ok in zip(listing.files, good, strict=True) if ok],  # decoded ones
         "bad": bad,
         "ignored": listing.ignored,
     }
@@ -151,4 +154,5 @@ def load_part(
             zip(own, np.bincount(listing.labels, minlength=len(own)).tolist(), strict=True)
         ),
     }
-    return Part(arrays.images, labels.astype(np.int32), list(class_names), report)
+    names = np.asarray([os.path.join(str(directory), f) for f in arrays.meta["files"]], dtype=str)
+    return Part(arrays.images, labels.astype(np.int32), list(class_names), report, names)

@@ -56,11 +56,16 @@ def stratified_split(labels: np.ndarray, *, fraction: float, seed: int):
 class ArraySplit:
     """A split whose decoded images fit in host memory (folders, digits, small TFDS sets)."""
 
-    def __init__(self, images, labels, *, name: str, seed: int, process_index, process_count):
+    def __init__(
+        self, images, labels, *, name: str, seed: int, process_index, process_count, names=None
+    ):
         if len(images) != len(labels):
             raise ValueError(f"split {name}: {len(images)} images but {len(labels)} labels")
+        if names is not None and len(names) != len(labels):
+            raise ValueError(f"split {name}: {len(names)} names but {len(labels)} labels")
         self.images = images
         self.labels = np.asarray(labels, np.int32)
+        self.names = names  # per example: file path or source id (error lists), or None
         self.name = name
         self.seed = seed
         self.process_index = process_index

@@ -93,7 +93,8 @@ def _one_split(config, split: str, *, role: str, resize: int, cache_dir, hosts: 
         "images_per_class": dict(zip(arrays.meta["class_names"], counts, strict=True)),
         "cache": {"path": str(arrays.path), "status": arrays.status},
     }
-    array_split = splits.ArraySplit(arrays.images, arrays.labels, name=role, **hosts)
+    names = np.asarray(arrays.meta["files"], dtype=str)
+    array_split = splits.ArraySplit(arrays.images, arrays.labels, name=role, names=names, **hosts)
     return array_split, list(arrays.meta["class_names"]), report
 
 
@@ -101,15 +102,19 @@ def _decode_whole_split(builder, split: str, *, resize: int, path) -> cache.Cach
     import tensorflow_datasets as tfds
 
     keys = _keys(builder)
-    ds = builder.as_dataset(split=split, shuffle_files=False)
+    # tfds_id ('name-split.tfrecord-00000-of-00001__12') names each example in error lists.
+    read = tfds.ReadConfig(add_tfds_id=True)
+    ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read)
     ds = ds.map(_example_fn(keys, resize), num_parallel_calls=-1).batch(256)
-    images, labels = [], []
+    images, labels, ids = [], [], []
     for batch in tfds.as_numpy(ds.prefetch(2)):
         images.append(batch["image"])
         labels.append(batch["label"])
+        ids += [i.decode() for i in batch["tfds_id"]]
     images = np.concatenate(images) if images else np.zeros((0, resize, resize, 3), np.uint8)
     labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
     meta = {
+        "files": ids,
         "source": f"tfds:{builder.info.full_name}",
         "split": split,
         "class_names": _class_names(builder, keys),
@@ -168,7 +173,10 @@ def _example_fn(keys, resize: int):
 
     def fn(example):
         image = _resize_crop(tf, example[image_key], resize)
-        return {"image": image, "label": tf.cast(example[label_key], tf.int32)}
+        out = {"image": image, "label": tf.cast(example[label_key], tf.int32)}
+        if "tfds_id" in example:
+            out["tfds_id"] = example["tfds_id"]
+        return out
 
     return fn
 
@@ -191,6 +199,8 @@ def _resize_crop(tf, image, resize: int):
 
 class StreamSplit:
     """A split read through tf.data, each host its own part; never held in memory whole."""
+
+    names = None  # examples are not listed (error rows keep their index)
 
     def __init__(
         self, builder, *, split, resize, name, shuffle_buffer, seed, process_index, process_count

@@ -11,6 +11,7 @@ The two are independent: fine-tuning usually trains with BatchNorm frozen.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
 from tlflax import tree
+from tlflax.errors import ConfigError
 from tlflax.models.heads import Head
 
 
@@ -101,9 +103,14 @@ def create_model(
     """
     _import_families()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        close = difflib.get_close_matches(name, sorted(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(
+            f"unknown model {name!r} (config.model.name); {hint}available: "
+            f"{', '.join(sorted(_REGISTRY))}"
+        )
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     head = Head(num_classes=num_classes, hidden=head_hidden, dropout=head_dropout, dtype=dtype)
     return _REGISTRY[name](head=head, dtype=dtype, **overrides)
 
@@ -111,7 +118,7 @@ def create_model(
 def check_overrides(family: str, overrides: dict, allowed) -> None:
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}")
+        raise ConfigError(f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}")
 
 
 def _import_families():

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
+from tlflax.errors import ConfigError
 from tlflax.models import common, layers
 
 PADDINGS = ("same", "symmetric")
@@ -337,13 +338,13 @@ def _validated(arch: dict) -> dict:
     except (TypeError, ValueError):
         stages = ()
     if not stages or any(len(s) != 5 or min(s) < 1 or s[2] > 2 or s[1] % 2 == 0 for s in stages):
-        raise ValueError(
+        raise ConfigError(
             f"efficientnet_lite: stages={arch['stages']!r}; give per stage (repeats, kernel, "
             "stride, expand_ratio, out_channels), positive, odd kernel, stride 1 or 2"
         )
     ints = {k: arch[k] for k in ("depth_divisor", "stem_width", "head_width")}
     if any(int(v) != v or v < 1 for v in ints.values()):
-        raise ValueError(f"efficientnet_lite: {ints} must be positive integers")
+        raise ConfigError(f"efficientnet_lite: {ints} must be positive integers")
     checks = {
         "width_coefficient": arch["width_coefficient"] > 0,
         "depth_coefficient": arch["depth_coefficient"] > 0,
@@ -355,7 +356,7 @@ def _validated(arch: dict) -> dict:
     }
     for key, ok in checks.items():
         if not ok:
-            raise ValueError(
+            raise ConfigError(
                 f"efficientnet_lite: {key}={arch[key]!r} is out of range (see the module "
                 f"docstring; padding: {PADDINGS}, depthwise: {DEPTHWISE}, rates in [0, 1), "
                 "others > 0)"

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
+from tlflax.errors import ConfigError
 from tlflax.models import common, layers
 
 EXPANSION = {"basic": 1, "bottleneck": 4}  # block -> output width / width
@@ -226,22 +227,22 @@ def drop_path_rates(rate: float, depths) -> list[tuple[float, ...]]:
 def _validated(arch: dict) -> dict:
     block, depths, widths = arch["block"], tuple(arch["depths"]), tuple(arch["widths"])
     if block not in EXPANSION:
-        raise ValueError(f"resnet: block={block!r}; use one of {sorted(EXPANSION)}")
+        raise ConfigError(f"resnet: block={block!r}; use one of {sorted(EXPANSION)}")
     if not depths or len(depths) != len(widths):
-        raise ValueError(
+        raise ConfigError(
             f"resnet: depths {depths} and widths {widths} need the same, non-zero length "
             "(one entry per stage)"
         )
     counts = (*depths, *widths, arch["stem_width"])
     if any(int(n) != n or n < 1 for n in counts):
-        raise ValueError(
+        raise ConfigError(
             f"resnet: depths {depths}, widths {widths} and stem_width {arch['stem_width']} "
             "must be positive integers"
         )
     if not arch["bn_eps"] > 0:
-        raise ValueError(f"resnet: bn_eps must be > 0, got {arch['bn_eps']}")
+        raise ConfigError(f"resnet: bn_eps must be > 0, got {arch['bn_eps']}")
     if not 0 <= arch["drop_path_rate"] < 1:
-        raise ValueError(f"resnet: drop_path_rate must be in [0, 1), got {arch['drop_path_rate']}")
+        raise ConfigError(f"resnet: drop_path_rate must be in [0, 1), got {arch['drop_path_rate']}")
     return {
         **arch,
         "depths": tuple(int(d) for d in depths),

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tlflax import preprocessing as pp
+from tlflax.errors import ConfigError
 from tlflax.models import common
 
 POOLS = ("cls", "gap")
@@ -100,14 +101,14 @@ class Embed(nn.Module):
             # Checked here: flax's own shape error would not say how to fix it.
             have = self.get_variable("params", "pos").shape[1] - n_prefix
             if have != gh * gw:
-                raise ValueError(_grid_error(have, (gh, gw), self.patch))
+                raise ConfigError(_grid_error(have, (gh, gw), self.patch))
         pos = self.param("pos", nn.initializers.normal(0.02), (1, n_prefix + gh * gw, d))
         return x + pos
 
 
 def _check_divisible(hw, patch: int):
     if hw[0] % patch or hw[1] % patch:
-        raise ValueError(
+        raise ConfigError(
             f"vit: a {hw[0]}x{hw[1]} input does not split into {patch}x{patch} patches; "
             f"use a resolution that is a multiple of {patch} (e.g. {hw[0] // patch * patch})"
         )
@@ -247,29 +248,29 @@ def resample_pos_embed(pos: np.ndarray, *, n_prefix: int, grid: tuple[int, int])
 def _validated(arch: dict) -> dict:
     arch = dict(arch)
     if arch["pool"] not in POOLS:
-        raise ValueError(f"vit: pool={arch['pool']!r}; use one of {POOLS}")
+        raise ConfigError(f"vit: pool={arch['pool']!r}; use one of {POOLS}")
     if arch["gap_norm"] not in GAP_NORMS:
-        raise ValueError(f"vit: gap_norm={arch['gap_norm']!r}; use one of {GAP_NORMS}")
+        raise ConfigError(f"vit: gap_norm={arch['gap_norm']!r}; use one of {GAP_NORMS}")
     if arch["class_token"] is None:
         arch["class_token"] = arch["pool"] == "cls"
     if arch["pool"] == "cls" and not arch["class_token"]:
-        raise ValueError("vit: pool='cls' needs class_token=True; or use pool='gap'")
+        raise ConfigError("vit: pool='cls' needs class_token=True; or use pool='gap'")
     arch["mlp_dim"] = arch["mlp_dim"] or 4 * arch["width"]
     counts = {k: arch[k] for k in ("patch", "width", "depth", "heads", "mlp_dim")}
     if any(int(n) != n or n < 1 for n in counts.values()):
-        raise ValueError(f"vit: {counts} must all be positive integers")
+        raise ConfigError(f"vit: {counts} must all be positive integers")
     if arch["width"] % arch["heads"]:
-        raise ValueError(
+        raise ConfigError(
             f"vit: width {arch['width']} is not divisible by heads {arch['heads']}; "
             "each head gets width / heads channels"
         )
     rep = arch["representation_size"]
     if int(rep) != rep or rep < 0:
-        raise ValueError(f"vit: representation_size must be an integer >= 0 (0: none), got {rep}")
+        raise ConfigError(f"vit: representation_size must be an integer >= 0 (0: none), got {rep}")
     if not arch["norm_eps"] > 0:
-        raise ValueError(f"vit: norm_eps must be > 0, got {arch['norm_eps']}")
+        raise ConfigError(f"vit: norm_eps must be > 0, got {arch['norm_eps']}")
     if not 0 <= arch["drop_path_rate"] < 1:
-        raise ValueError(f"vit: drop_path_rate must be in [0, 1), got {arch['drop_path_rate']}")
+        raise ConfigError(f"vit: drop_path_rate must be in [0, 1), got {arch['drop_path_rate']}")
     return {
         **arch,
         **{k: int(v) for k, v in counts.items()},

@@ -15,6 +15,7 @@ import numpy as np
 
 from tlflax import preprocessing as pp
 from tlflax import tree
+from tlflax.errors import ConfigError
 from tlflax.weights import readers, sources
 from tlflax.weights.merge import CheckpointMismatchError, LoadReport, merge_variables
 from tlflax.weights.readers import CorruptCheckpointError
@@ -73,6 +74,7 @@ def load_pretrained(
     the checkpoint may hold nothing the model lacks. Anything else raises
     CheckpointMismatchError listing missing, unexpected and misshapen names.
     """
+    sources.check_fits_model(source, spec.name)
     checkpoint = sources.resolve(source, cache_dir=cache_dir)
     # Decided before reading the arrays: a checkpoint of unknown normalisation is refused.
     prep = preprocessing or preprocessing_of(checkpoint, spec=spec)
@@ -86,6 +88,7 @@ def load_pretrained(
 
 def peek_preprocessing(source: str, *, spec, cache_dir: str | None = None) -> pp.Preprocessing:
     """The preprocessing of `source` without reading its arrays (the data needs it first)."""
+    sources.check_fits_model(source, spec.name)
     return preprocessing_of(sources.resolve(source, cache_dir=cache_dir), spec=spec)
 
 
@@ -110,7 +113,7 @@ def preprocessing_of(checkpoint: sources.Checkpoint, *, spec) -> pp.Preprocessin
             name, resolution=int(config.get("image_size") or resolution), crop_pct=crop_pct
         )
         return dataclasses.replace(prep, source=f"{src} (transformers {config['model_type']})")
-    raise ValueError(
+    raise ConfigError(
         f"weights {src!r} carry no preprocessing metadata (no preprocessor_config.json or "
         "timm config.json beside them); say which normalisation they were trained with: "
         "weights.preprocessing='imagenet' | 'minus_one_to_one' | 'lite' "

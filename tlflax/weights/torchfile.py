@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from tlflax.errors import UserError
 from tlflax.weights.readers import CorruptCheckpointError
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
@@ -83,7 +84,7 @@ TORCH_DTYPES = {
 }
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(UserError, ValueError):
     """The pickle needs something a plain state dict never does (code, custom classes)."""
 
 
