@@ -9,7 +9,7 @@ import re
 import jax
 import numpy as np
 
-from tlflax import config_lib, data, errors, evaluate, fs, optim, state, train, tree
+from tlflax import config_lib, data, errors, evaluate, fs, optim, predict, state, train, tree
 from tlflax import preprocessing as pp
 
 
@@ -91,7 +91,7 @@ def cmd_eval(flags, config_unused, positional) -> int:
     run = dataclasses.replace(saved_run, datasets=data_run.datasets)
     st = train.restore(run, ckpt, step)
     ckpt.close()
-    result = train.run_eval(train.make_eval_fn(run), st, run)
+    result = train.run_eval(train.make_eval_fn(run, tta=_tta(flags)), st, run)
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
         {
@@ -109,33 +109,43 @@ def cmd_eval(flags, config_unused, positional) -> int:
 def cmd_predict(flags, config_unused, positional) -> int:
     workdir = fs.path(_need(flags.workdir, "workdir", "predict"), what="--workdir")
     if not positional:
-        raise errors.UserError("give one or more image paths")
+        raise errors.UserError("give one or more image files, folders or globs")
+    paths = predict.expand_inputs(positional)
     config, run, classes = load_run(workdir)
     st, step = restore_best(config, run, workdir)
-    eval_transform = data.augment.make_eval_transform(
-        image_size=run.prep.resolution, preprocessing=run.prep
+    probs, good, bad = predict.predict_files(
+        paths,
+        probs_fn=predict.make_probs_fn(run, tta=_tta(flags)),
+        variables=state.variables_of(st),
+        resize=run.prep.resize,
+        max_pixels=config.data.max_image_pixels,
+        workers=1 if len(paths) < 64 else config.data.workers,  # few files: no worker start
+        batch_size=flags.batch_size,
     )
-    model = run.spec.module
+    rows = predict.rows_of(paths, probs, good, bad, classes=classes, top_k=flags.top_k)
+    for row in rows:
+        print(predict.console_line(row))
+    if flags.out:
+        predict.write(rows, flags.out, top_k=flags.top_k, step=step)
+        print(f"{int(good.sum())} of {len(paths)} files predicted (step {step}); {flags.out}")
+    return 0 if good.any() else 1
 
-    @jax.jit
-    def probs_of(variables, image):
-        logits = model.apply(variables, eval_transform(image[None]), train=False)
-        return jax.nn.softmax(logits[0])
 
-    variables = state.variables_of(st)
-    failures = 0
-    for path in positional:
-        try:
-            image = data.load_image(path, resize=run.prep.resize)
-        except Exception as e:  # one bad file must not stop the others
-            failures += 1
-            print(f"{path}: cannot read image ({e})")
-            continue
-        probs = np.asarray(probs_of(variables, image))
-        top = np.argsort(-probs)[: flags.top_k]
-        shown = ", ".join(f"{classes[i]} {100 * probs[i]:.1f}%" for i in top)
-        print(f"{path}: {shown}")
-    return 1 if failures == len(positional) else 0
+def _tta(flags) -> str:
+    if flags.tta not in evaluate.TTA:
+        raise errors.UserError(f"--tta={flags.tta!r}; use one of {evaluate.TTA[1:]} or none")
+    return flags.tta
+
+
+def cmd_config(flags, config, positional) -> int:
+    """The resolved config, each key with its value, its default when changed, its meaning."""
+    from tlflax import help as help_lib
+
+    if positional:
+        raise errors.UserError(f"unexpected arguments {positional}")
+    base = config_lib.get_base_config()
+    print(help_lib.listing(config if config is not None else base, base))
+    return 0
 
 
 def cmd_inspect(flags, config, positional) -> int:

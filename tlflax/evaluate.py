@@ -15,11 +15,13 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from tlflax import fs, losses
+from tlflax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,38 @@ def make_eval_step(*, model_apply: Callable, eval_transform: Callable):
         return out
 
     return eval_step
+
+
+TTA = ("", "flip", "crops")
+
+
+def tta_apply(model_apply: Callable, eval_transform: Callable, *, kind: str, image_size: int):
+    """model_apply over test-time views of uint8 (B, S, S, 3) images: log of the mean of the
+    views' softmax. 'flip': the centre crop and its mirror; 'crops': also the 4 corner
+    crops of the stored image and their mirrors (10 views). '' is the centre crop alone."""
+    if kind not in TTA:
+        raise ConfigError(f"--tta={kind!r}; use one of {TTA[1:]} (or '' for none)")
+
+    def views(images):
+        centre = eval_transform(images)
+        out = [centre] if not kind else [centre, centre[:, :, ::-1]]
+        if kind == "crops":
+            height, width = images.shape[1:3]
+            for top in (0, height - image_size):
+                for left in (0, width - image_size):
+                    crop = eval_transform(
+                        images[:, top : top + image_size, left : left + image_size]
+                    )
+                    out += [crop, crop[:, :, ::-1]]
+        return out
+
+    def apply(variables, images):
+        probs = [
+            jax.nn.softmax(model_apply(variables, v).astype(jnp.float32)) for v in views(images)
+        ]
+        return jnp.log(jnp.maximum(sum(probs) / len(probs), jnp.finfo(jnp.float32).tiny))
+
+    return apply
 
 
 # ----------------------------------------------------------------------------- summary

@@ -1,9 +1,12 @@
-"""The tlflax command line: train / eval / predict / inspect.
+"""The tlflax command line: train / eval / predict / inspect / config (`tlflax --help`).
 
-tlflax train   --config configs/X.py[:ARGS] --workdir DIR [--config.key=value ...]
+tlflax train   --config CONFIG[:ARGS] --workdir DIR [--config.key=value ...]
 tlflax eval    --workdir DIR [--split NAME]
-tlflax predict --workdir DIR IMAGE [IMAGE ...] [--top_k 5]
-tlflax inspect MODEL [--weights SRC] [--config configs/X.py] [--num_classes N]
+tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip]
+tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
+tlflax config  [--config CONFIG[:ARGS]] [--config.key=value ...]
+
+CONFIG is a file (configs/X.py) or a built-in config's name (folder, demo, ...).
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ flags.DEFINE_integer(
     "num_classes", 1000, "inspect: head size when no config is given", flag_values=FLAGS
 )
 flags.DEFINE_integer("top_k", 5, "predict: classes shown per image", flag_values=FLAGS)
+flags.DEFINE_string(
+    "out", None, "predict: write the predictions to FILE (.csv or .json)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "tta",
+    "",
+    "predict / eval: test-time augmentation, 'flip' (+ mirror) or 'crops' (+ 4 corners and "
+    "their mirrors); the probabilities are averaged",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("batch_size", 64, "predict: images per batch", flag_values=FLAGS)
 
-COMMANDS = ("train", "eval", "predict", "inspect")
-
-
-def _usage() -> str:
-    return (__doc__ or "").strip()
+COMMANDS = ("train", "eval", "predict", "inspect", "config")
+HELP = ("--help", "-h", "-help", "help")
 
 
 def _from_get_config(error: BaseException) -> BaseException | None:
@@ -82,11 +93,25 @@ def _quiet_expected_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tlflax import errors
+    from tlflax import help as help_lib
+
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(_usage(), file=sys.stderr)
+    if len(argv) < 2 or argv[1] in HELP:
+        print(help_lib.usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+        return 0 if len(argv) >= 2 else 2
+    if argv[1] not in COMMANDS:
+        print(f"tlflax: unknown command {argv[1]!r}\n\n{help_lib.usage()}", file=sys.stderr)
         return 2
     command = argv.pop(1)
+    if any(a in HELP[:3] for a in argv[1:]):
+        print(help_lib.command_help(command, FLAGS))
+        return 0
+    try:
+        argv = help_lib.with_builtin_configs(argv)
+    except errors.UserError as e:
+        _say(command, e)
+        return 2
     # First: any logging call before it (absl's flag code makes some) would configure the
     # root logger at WARNING and make this a no-op. When something configured the root
     # logger already (an embedding program, a launcher), tlflax's own logger still says INFO.
@@ -104,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if parsed is None:
         return 2
     config, positional = parsed
-    from tlflax import cli, errors  # heavy imports (jax) only after the flags parse
+    from tlflax import cli  # heavy imports (jax) only after the flags parse
 
     try:
         return getattr(cli, f"cmd_{command}")(FLAGS, config, positional)

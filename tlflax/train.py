@@ -311,7 +311,8 @@ def _jit_train_step(config, run: Run, phase, shardings):
     )
 
 
-def make_eval_fn(run: Run):
+def make_eval_fn(run: Run, *, tta: str = ""):
+    """jit(variables, batch) -> per-example outputs; tta: evaluate.TTA views averaged."""
     eval_transform = data.augment.make_eval_transform(
         image_size=run.prep.resolution, preprocessing=run.prep
     )
@@ -320,6 +321,10 @@ def make_eval_fn(run: Run):
     def model_apply(variables, images):
         return model.apply(variables, images, train=False, bn_train=False)
 
+    if tta:
+        size = run.prep.resolution
+        model_apply = evaluate.tta_apply(model_apply, eval_transform, kind=tta, image_size=size)
+        eval_transform = lambda images: images  # the views do their own crops
     return jax.jit(evaluate.make_eval_step(model_apply=model_apply, eval_transform=eval_transform))
 
 
