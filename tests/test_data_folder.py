@@ -185,6 +185,10 @@ def test_train_val_test_validates_on_val_and_keeps_test_apart(tmp_path, caplog):
     ds = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
     assert (ds.train.n_examples, ds.eval.n_examples, ds.test.n_examples) == (9, 5, 3)
     np.testing.assert_array_equal(ds.test.labels, [0, 1, 1])
+    test_files = [str(tmp_path / "d" / "test" / c / f"{i:03d}.png") for c, i in
+                  (("cat", 0), ("dog", 0), ("dog", 1))]  # fmt: skip
+    assert list(ds.test.names) == test_files  # error lists name the files
+    assert all(n.startswith(str(tmp_path / "d" / "val")) for n in ds.eval.names)
     roles = ds.manifest["roles"]
     assert roles["eval"].endswith("val") and roles["test"].endswith("test")
     # A split folder that exists and serves no role is named, never silently dropped.

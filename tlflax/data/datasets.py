@@ -74,7 +74,9 @@ def build_datasets(
         train, evals, test = (
             None
             if part is None
-            else splits.ArraySplit(part.images, part.labels, name=name, seed=seed, **hosts)
+            else splits.ArraySplit(
+                part.images, part.labels, name=name, seed=seed, names=part.names, **hosts
+            )
             for name, part in named.items()
         )
     else:
