@@ -38,6 +38,37 @@ def test_inspect_counts_every_parameter(capsys):
     assert _total(out, "Frozen params") == n_params - (32 * 7 + 7)
 
 
+def _rows(out: str) -> list[list[str]]:
+    """The table's rows, split into module, output shape, params, state, FLOPs, status."""
+    lines = out.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith("module ")) + 1
+    end = next(i for i, x in enumerate(lines) if x.startswith("Total params"))
+    pattern = re.compile(r"^(\S+(?: [^(]\S*)*?)\s+(\([\d, ]*\))?\s+([\d,]+)\s+([\d,]+)\s+(\S+)")
+    return [list(pattern.match(x).groups()) for x in lines[start:end]]
+
+
+def _flops(text: str) -> float:
+    scale = {"G": 1e9, "M": 1e6, "K": 1e3}
+    return float(text[:-1]) * scale[text[-1]] if text[-1] in scale else float(text)
+
+
+def test_inspect_rows_are_in_forward_order_and_add_up(capsys):
+    out = _inspect(capsys, "resnet_tiny", "--num_classes", "7")
+    rows = _rows(out)
+    names = [r[0] for r in rows]
+    assert names[:3] == ["backbone/stem/conv", "backbone/stem/bn", "backbone/stage1/block1/conv1"]
+    assert names.index("backbone/stage4/block1/conv2") < names.index("head/out")
+    assert rows[names.index("backbone/stem/conv")][1] == "(1, 112, 112, 8)"  # 224 px, stride 2
+    count = lambda col: sum(int(r[col].replace(",", "")) for r in rows)
+    assert count(2) == _total(out, "Total params")
+    assert count(3) == _total(out, "Non-trainable state")  # statistics apart from parameters
+    # FLOPs: the stem conv is 7 * 7 * 3 * 8 multiply-adds at each of 112 * 112 outputs
+    # (XLA leaves out the taps that fall on the zero padding at the borders: 1.5 % here).
+    assert _flops(rows[0][4]) == pytest.approx(2 * 7 * 7 * 3 * 8 * 112 * 112, rel=0.03)
+    total = next(x for x in out.splitlines() if x.startswith("FLOPs per image"))
+    assert sum(_flops(r[4]) for r in rows) == pytest.approx(_flops(total.split()[3]), rel=0.01)
+
+
 def test_inspect_with_a_config_shows_the_rules_and_what_trains(capsys):
     out = _inspect(capsys, "--config", TINY, "--num_classes", "10")
     assert "phase linear_probe:" in out and "phase finetune:" in out
@@ -59,7 +90,10 @@ def test_inspect_loads_real_weights_with_a_new_head(capsys):
 
 def test_unknown_command_and_missing_flags(capsys):
     assert main.main(["tlflax", "fly"]) == 2
-    assert "tlflax train" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "tlflax: unknown command 'fly'; use one of train, eval, predict, inspect, config "
+        "(tlflax --help)\n"
+    )
     assert main.main(["tlflax", "train", "--config", TINY]) == 2
     assert capsys.readouterr().err == "tlflax train: --workdir is required\n"
     assert main.main(["tlflax", "eval", "--workdir", "/nonexistent/run"]) == 2

@@ -7,9 +7,20 @@ import json
 import re
 
 import jax
-import numpy as np
 
-from tlflax import config_lib, data, errors, evaluate, fs, optim, predict, state, train, tree
+from tlflax import (
+    config_lib,
+    data,
+    errors,
+    evaluate,
+    fs,
+    model_summary,
+    optim,
+    predict,
+    state,
+    train,
+    tree,
+)
 from tlflax import preprocessing as pp
 
 
@@ -184,43 +195,8 @@ def cmd_inspect(flags, config, positional) -> int:
     for phase in phases:
         print(f"phase {phase.name}:\n{phase.table}\n")
     trainable = tree.flatten(phases[0].trainable)
-    print(summary_table(variables, trainable=trainable, name=spec.name))
+    table = model_summary.rows(
+        spec.module, variables, image_size=spec.preprocessing.resolution, trainable=trainable
+    )
+    print(model_summary.format_table(table, name=spec.name, with_status=True))
     return 0
-
-
-def summary_table(variables, *, trainable=None, name="") -> str:
-    """Keras' model.summary(), per module: path, parameter shapes, count, trainable."""
-    modules: dict[str, list] = {}
-    order = sorted(variables, key=lambda c: c != "params")  # params first, then state
-    for collection, sub in ((c, variables[c]) for c in order):
-        for leaf_name, leaf in tree.flatten(sub).items():
-            module, _, param = leaf_name.rpartition("/")
-            modules.setdefault(module, []).append((collection, param, leaf_name, leaf))
-    rows, totals = [], {"trainable": 0, "frozen": 0, "state": 0}
-    for module, leaves in modules.items():
-        shapes = " ".join(f"{p}{tuple(x.shape)}" for _, p, _, x in leaves)
-        count = sum(int(np.prod(x.shape)) for *_, x in leaves)
-        kinds = set()
-        for collection, _, leaf_name, x in leaves:
-            n = int(np.prod(x.shape))
-            if collection != "params":
-                kinds.add("state")
-                totals["state"] += n
-            elif trainable is None or trainable[leaf_name]:
-                kinds.add("trainable" if trainable is not None else "")
-                totals["trainable"] += n
-            else:
-                kinds.add("frozen")
-                totals["frozen"] += n
-        rows.append((module, shapes, count, "/".join(sorted(k for k in kinds if k))))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"Model: {name}", f"{'module':<{width}}  {'params':>11}  {'status':12}  shapes"]
-    for module, shapes, count, kind in rows:
-        lines.append(f"{module:<{width}}  {count:>11,}  {kind:12}  {shapes}")
-    n_params = totals["trainable"] + totals["frozen"]
-    lines.append(f"Total params: {n_params:,}")
-    if trainable is not None:
-        lines.append(f"Trainable params: {totals['trainable']:,}")
-        lines.append(f"Frozen params: {totals['frozen']:,}")
-    lines.append(f"Non-trainable state (BatchNorm statistics): {totals['state']:,}")
-    return "\n".join(lines)

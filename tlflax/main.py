@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(help_lib.usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
         return 0 if len(argv) >= 2 else 2
     if argv[1] not in COMMANDS:
-        print(f"tlflax: unknown command {argv[1]!r}\n\n{help_lib.usage()}", file=sys.stderr)
+        known = ", ".join(COMMANDS)
+        print(f"tlflax: unknown command {argv[1]!r}; use one of {known} (tlflax --help)",
+              file=sys.stderr)  # fmt: skip
         return 2
     command = argv.pop(1)
     if any(a in HELP[:3] for a in argv[1:]):
