@@ -4,7 +4,9 @@ import csv
 import json
 import logging
 import os
+import pathlib
 import struct
+import subprocess
 import sys
 
 import jax
@@ -422,3 +424,24 @@ def test_progress_on_a_tty_draws_a_bar_that_log_lines_print_above(capsys):
     assert "50/50" in err and "loss=0.5" in err and "lr=1.00e-03" in err
     # tqdm.write clears the bar, prints the line whole, and redraws the bar below it.
     assert "\na log line\n" in "\n" + err.replace("\r", "\n")
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch only to name a type; with torch installed that costs
+    seconds at every start. The writer works without it, and torch still imports after."""
+    script = (
+        "import sys\n"
+        "from tlflax import metrics_io\n"
+        f"w = metrics_io._open_tensorboard({str(tmp_path)!r})\n"
+        "assert 'torch' not in sys.modules, 'tensorboardX imported torch'\n"
+        "w.add_scalar('x', 1.0, 1); w.close()\n"
+        "import torch\n"
+        "print(float(torch.ones(2).sum()))\n"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "2.0"
+    assert list(tmp_path.glob("events.out.tfevents.*"))

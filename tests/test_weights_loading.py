@@ -99,6 +99,52 @@ def test_safetensors_reader_matches_the_safetensors_package(tmp_path):
         np.testing.assert_array_equal(got[k], arrays[k])
 
 
+def test_safetensors_bfloat16_reads_as_ml_dtypes_bfloat16(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    values = np.array([1.5, -2.0, 3.25], ml_dtypes.bfloat16)
+    save_file({"w": values}, str(tmp_path / "bf16.safetensors"))
+    got = readers.read(tmp_path / "bf16.safetensors")["w"]
+    assert got.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got.astype(np.float32), [1.5, -2.0, 3.25])
+
+
+def _damage(data: bytes, kind: str) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    if kind == "truncated":
+        return data[: 8 + n + len(body) // 2]
+    if kind == "header_cut":
+        return data[: 8 + n // 2]
+    if kind == "huge_header":
+        return (10**12).to_bytes(8, "little") + data[8:]
+    if kind == "offsets_past_end":
+        header["w"]["data_offsets"][1] += 4096
+    elif kind == "unclaimed_bytes":  # the hand-written parser accepted these
+        body += b"\0" * 16
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "header_cut", "huge_header", "offsets_past_end", "unclaimed_bytes"]
+)
+def test_damaged_safetensors_is_one_clear_error(tmp_path, kind):
+    from safetensors.numpy import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": np.ones((16, 16), np.float32), "b": np.arange(3)}, str(good))
+    bad = tmp_path / f"model_{kind}.safetensors"
+    bad.write_bytes(_damage(good.read_bytes(), kind))
+    with pytest.raises(CorruptCheckpointError) as e:
+        readers.read(bad)
+    message = str(e.value)
+    assert str(bad) in message and "not a valid safetensors file" in message
+    assert "download or copy it again" in message
+    assert set(readers.read(good)) == {"w", "b"}  # the writer's own file still reads
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz", ".msgpack", ".bin"])
 def test_truncated_and_empty_files_give_a_clear_error(tmp_path, suffix):
     from flax import serialization

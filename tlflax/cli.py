@@ -148,6 +148,19 @@ def _tta(flags) -> str:
     return flags.tta
 
 
+def cmd_export(flags, config_unused, positional) -> int:
+    from tlflax import export  # export reuses load_run / restore_best from here
+
+    if positional:
+        raise errors.UserError(f"unexpected arguments {positional}")
+    workdir = fs.path(_need(flags.workdir, "workdir", "export"), what="--workdir")
+    result = export.export_run(
+        workdir, formats=flags.format, out_dir=flags.export_dir, ema=flags.ema
+    )
+    print(export.format_result(result))
+    return 0
+
+
 def cmd_config(flags, config, positional) -> int:
     """The resolved config, each key with its value, its default when changed, its meaning."""
     from tlflax import help as help_lib

@@ -53,6 +53,16 @@ COMMANDS = {
             "--config folder:path=PHOTOS",
         ),
     ),
+    "export": (
+        "Take a run's chosen checkpoint out of tlflax: safetensors weights with a JSON model "
+        "card, and a jax.export artifact of preprocessing + forward that runs with jax alone.",
+        "--workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]",
+        ("workdir", "format", "export_dir", "ema"),
+        (
+            "tlflax export --workdir runs/photos",
+            "tlflax export --workdir runs/photos --format safetensors --ema",
+        ),
+    ),
     "config": (
         "The resolved config, every key with its value and meaning; keys changed from the "
         "base config are marked with their default.",

@@ -1,9 +1,10 @@
-"""The tlflax command line: train / eval / predict / inspect / config (`tlflax --help`).
+"""The tlflax command line: train / eval / predict / inspect / export / config (`--help`).
 
 tlflax train   --config CONFIG[:ARGS] --workdir DIR [--config.key=value ...]
 tlflax eval    --workdir DIR [--split NAME]
 tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip]
 tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
+tlflax export  --workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]
 tlflax config  [--config CONFIG[:ARGS]] [--config.key=value ...]
 
 CONFIG is a file (configs/X.py) or a built-in config's name (folder, demo, ...).
@@ -45,8 +46,17 @@ flags.DEFINE_string(
     flag_values=FLAGS,
 )
 flags.DEFINE_integer("batch_size", 64, "predict: images per batch", flag_values=FLAGS)
+flags.DEFINE_string(
+    "format", "safetensors,jax", "export: comma-separated formats", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "export_dir", None, "export: output folder (default WORKDIR/export[_ema])", flag_values=FLAGS
+)
+flags.DEFINE_bool(
+    "ema", False, "export: the EMA weights (runs with optim.ema_decay > 0)", flag_values=FLAGS
+)
 
-COMMANDS = ("train", "eval", "predict", "inspect", "config")
+COMMANDS = ("train", "eval", "predict", "inspect", "export", "config")
 HELP = ("--help", "-h", "-help", "help")
 
 

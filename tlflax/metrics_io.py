@@ -160,8 +160,31 @@ class MetricWriter:
 
 
 def _open_tensorboard(logdir):
+    # tensorboardX.writer runs `try: import torch` at import time, only to name a type in
+    # its annotations (numpy_compatible); with torch installed that costs seconds at every
+    # start. A None entry in sys.modules makes that one import raise ImportError, which
+    # tensorboardX catches; it is removed right after, so a later `import torch` works
+    # (tensorboardX imports torch lazily where it uses it: add_graph, torch tensors).
+    # Not done when torch is loaded already (nothing to save) or tensorboardX is.
+    def import_writer(hide_torch: bool):
+        if hide_torch:
+            sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            return SummaryWriter
+        finally:
+            if hide_torch and sys.modules.get("torch", False) is None:
+                del sys.modules["torch"]
+
+    hide = "torch" not in sys.modules and "tensorboardX" not in sys.modules
     try:
-        from tensorboardX import SummaryWriter
+        try:
+            summary_writer = import_writer(hide)
+        except ImportError as e:
+            if not (hide and e.name == "torch"):
+                raise
+            summary_writer = import_writer(False)  # a tensorboardX that needs torch outright
     except ImportError:
         log.warning(
             "tensorboardX is not installed: metrics go to %s only; "
@@ -171,7 +194,7 @@ def _open_tensorboard(logdir):
         return None
     if fs.is_remote(logdir):
         fs.register_tensorboard_writers()
-    return SummaryWriter(logdir=str(logdir), flush_secs=30)
+    return summary_writer(logdir=str(logdir), flush_secs=30)
 
 
 def read_history(workdir) -> list[dict]:

@@ -74,7 +74,7 @@ def load_pretrained(
     the checkpoint may hold nothing the model lacks. Anything else raises
     CheckpointMismatchError listing missing, unexpected and misshapen names.
     """
-    sources.check_fits_model(source, spec.name)
+    sources.check_fits_model(source, spec)
     checkpoint = sources.resolve(source, cache_dir=cache_dir)
     # Decided before reading the arrays: a checkpoint of unknown normalisation is refused.
     prep = preprocessing or preprocessing_of(checkpoint, spec=spec)
@@ -88,7 +88,7 @@ def load_pretrained(
 
 def peek_preprocessing(source: str, *, spec, cache_dir: str | None = None) -> pp.Preprocessing:
     """The preprocessing of `source` without reading its arrays (the data needs it first)."""
-    sources.check_fits_model(source, spec.name)
+    sources.check_fits_model(source, spec)
     return preprocessing_of(sources.resolve(source, cache_dir=cache_dir), spec=spec)
 
 

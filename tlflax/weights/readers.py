@@ -1,34 +1,23 @@
 """Read checkpoint files into flat {name: numpy array}, with clear errors.
 
-No torch and no TensorFlow: safetensors is parsed here (8-byte header length,
-JSON header, raw little-endian data), torch pickles by tlflax.weights.torchfile.
+No torch and no TensorFlow: safetensors through the safetensors library (its numpy
+API: memory-mapped, header and offsets validated before any tensor is read), torch
+pickles by tlflax.weights.torchfile.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
-import struct
 import zipfile
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy: safetensors' BF16 tensors)
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from tlflax import tree
 from tlflax.errors import UserError
 
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 FORMATS = {
     ".safetensors": "safetensors",
     ".bin": "torch",
@@ -78,32 +67,15 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise CorruptCheckpointError(f"{path}: {len(data)} bytes is too short for safetensors")
-    (n_header,) = struct.unpack("<Q", data[:8])
-    if 8 + n_header > len(data):
+    """The library checks the header's size, that every tensor's offsets lie inside the
+    file and cover it exactly, and each dtype; arrays are copied out of the mapping."""
+    try:
+        return dict(safetensors.numpy.load_file(path))
+    except safetensors.SafetensorError as e:
         raise CorruptCheckpointError(
-            f"{path}: header says {n_header} bytes but the file has {len(data)}; truncated?"
-        )
-    header = json.loads(data[8 : 8 + n_header])
-    body = memoryview(data)[8 + n_header :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CorruptCheckpointError(f"{path}: {name} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if end > len(body) or start > end:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name} lies at bytes {start}..{end} of a {len(body)}-byte "
-                "body; the file is truncated: download or copy it again"
-            )
-        arr = np.frombuffer(body[start:end], dtype=dtype)
-        out[name] = arr.reshape(info["shape"]).copy()
-    return out
+            f"{path} is not a valid safetensors file ({e}); it is probably truncated or "
+            "corrupt: download or copy it again"
+        ) from e
 
 
 def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:

