@@ -117,6 +117,23 @@ def _aug_config() -> ConfigDict:
     c.mix_prob = 1.0  # probability that an example is mixed (when an alpha is > 0)
     c.cutmix_switch_prob = 0.5  # both alphas > 0: probability of cutmix rather than mixup
     c.label_smoothing = 0.0  # targets = (1 - e) * one_hot + e / num_classes
+    # Named policy on each uint8 crop, after crop / flip / rotation and before colour jitter and
+    # normalisation (torchvision semantics): '' (none), 'randaugment', 'trivialaugment' (Wide),
+    # 'augmix'.
+    c.policy = ""
+    c.randaugment_n = 2  # randaugment: ops applied in sequence per image (torchvision num_ops)
+    c.randaugment_m = 9  # randaugment: magnitude bin, 0 .. magnitude_bins - 1 (torchvision: 9)
+    c.magnitude_bins = 31  # randaugment / trivialaugment: bins spanning each op's range (>= 2)
+    c.policy_interpolation = "nearest"  # 'nearest' | 'bilinear' (torchvision: AugMix bilinear)
+    c.policy_fill = 0.0  # policy geometric ops: value of uncovered pixels, 0..255 (torchvision: 0)
+    c.augmix_severity = 3  # augmix: magnitudes from the lowest `severity` of 10 bins (1..10)
+    c.augmix_width = 3  # augmix: op chains mixed per image
+    c.augmix_depth = -1  # augmix: ops per chain; -1: 1, 2 or 3 at random per chain
+    c.augmix_alpha = 1.0  # augmix: Dirichlet / Beta concentration of the mixing weights
+    c.erasing_prob = 0.0  # random erasing (after normalisation): probability per image
+    c.erasing_scale = (0.02, 0.33)  # random erasing: range of the box's area, fraction of the image
+    c.erasing_ratio = (0.3, 3.3)  # random erasing: range of the box's height / width
+    c.erasing_value = "zero"  # random erasing fill: 'zero' (normalised space) | 'random' (N(0, 1))
     return c
 
 

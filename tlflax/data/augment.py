@@ -12,18 +12,35 @@ sample, so a crop followed by a rotation loses no more detail than the crop alon
 rotation or shift uncovers area, the stored image around the crop fills it when it has
 pixels there; `fill_mode` applies only beyond the stored image. A plain centre or random
 crop with flips (no rotation, no shift) takes an exact slicing path instead.
+
+Named policies (`config.aug.policy`) sit where torchvision's sit: RandAugment,
+TrivialAugmentWide and AugMix see the crop as a uint8 image (rounded to 0..255 integers,
+after crop / flip / rotation / shift, before colour jitter and normalisation), and every op
+returns integers again, as torchvision's ops on uint8 tensors do. Random erasing acts on the
+normalised image, before mixup / cutmix. The op set, magnitude bins and signs are
+torchvision's (`transforms/autoaugment.py`), and each op reproduces torchvision's tensor
+arithmetic (tests/test_augment_policies.py). The op of each example is drawn under jit and
+chosen by select: every op family is computed and one result kept, so shapes are fixed and
+nothing recompiles from batch to batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from tlflax.errors import ConfigError
 
 CROPS = ("resize", "random", "inception")
 FILL_MODES = ("nearest", "constant", "reflect")
+POLICIES = ("", "randaugment", "trivialaugment", "augmix")
+INTERPOLATIONS = ("nearest", "bilinear")
+ERASING_VALUES = ("zero", "random")
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL and torchvision use for grey
 
 
@@ -50,12 +67,26 @@ class AugSettings:
     mix_prob: float
     cutmix_switch_prob: float
     label_smoothing: float
+    policy: str
+    randaugment_n: int
+    randaugment_m: int
+    magnitude_bins: int
+    policy_interpolation: str
+    policy_fill: float
+    augmix_severity: int
+    augmix_width: int
+    augmix_depth: int
+    augmix_alpha: float
+    erasing_prob: float
+    erasing_scale: tuple[float, float]
+    erasing_ratio: tuple[float, float]
+    erasing_value: str
 
     @classmethod
     def from_config(cls, aug_config) -> AugSettings:
         values = {f.name: aug_config[f.name] for f in dataclasses.fields(cls)}
-        values["crop_scale"] = tuple(float(v) for v in values["crop_scale"])
-        values["crop_ratio"] = tuple(float(v) for v in values["crop_ratio"])
+        for name in ("crop_scale", "crop_ratio", "erasing_scale", "erasing_ratio"):
+            values[name] = tuple(float(v) for v in values[name])
         settings = cls(**values)
         settings.check()
         return settings
@@ -83,6 +114,73 @@ class AugSettings:
             0 <= self.label_smoothing < 1,
             f"config.aug.label_smoothing={self.label_smoothing}; use a value in [0, 1)",
         )
+        self._check_policy()
+        self._check_erasing()
+
+    def _check_policy(self) -> None:
+        _require(
+            self.policy in POLICIES, f"config.aug.policy={self.policy!r}; use one of {POLICIES}"
+        )
+        _require(
+            self.randaugment_n >= 0,
+            f"config.aug.randaugment_n={self.randaugment_n}; give a count of ops >= 0 (default 2)",
+        )
+        _require(
+            self.magnitude_bins >= 2,
+            f"config.aug.magnitude_bins={self.magnitude_bins}; give >= 2 bins (default 31)",
+        )
+        _require(
+            0 <= self.randaugment_m < self.magnitude_bins,
+            f"config.aug.randaugment_m={self.randaugment_m}; use a bin in "
+            f"[0, magnitude_bins - 1 = {self.magnitude_bins - 1}] (default 9 of 31)",
+        )
+        _require(
+            self.policy_interpolation in INTERPOLATIONS,
+            f"config.aug.policy_interpolation={self.policy_interpolation!r}; "
+            f"use one of {INTERPOLATIONS}",
+        )
+        _require(
+            0 <= self.policy_fill <= 255,
+            f"config.aug.policy_fill={self.policy_fill}; give a pixel value in [0, 255]",
+        )
+        _require(
+            1 <= self.augmix_severity <= _AUGMIX_BINS,
+            f"config.aug.augmix_severity={self.augmix_severity}; use 1..{_AUGMIX_BINS} (default 3)",
+        )
+        _require(
+            self.augmix_width >= 1,
+            f"config.aug.augmix_width={self.augmix_width}; give >= 1 chains (default 3)",
+        )
+        _require(
+            self.augmix_depth == -1 or self.augmix_depth >= 1,
+            f"config.aug.augmix_depth={self.augmix_depth}; give >= 1 ops, or -1 for 1..3 at random",
+        )
+        _require(
+            self.augmix_alpha > 0,
+            f"config.aug.augmix_alpha={self.augmix_alpha}; give a concentration > 0 (default 1)",
+        )
+
+    def _check_erasing(self) -> None:
+        _require(
+            0 <= self.erasing_prob <= 1,
+            f"config.aug.erasing_prob={self.erasing_prob}; use a probability in [0, 1]",
+        )
+        lo, hi = self.erasing_scale
+        _require(
+            0 <= lo <= hi < 1,
+            f"config.aug.erasing_scale={self.erasing_scale}; need 0 <= a <= b < 1 "
+            "(fractions of the image; default (0.02, 0.33))",
+        )
+        lo, hi = self.erasing_ratio
+        _require(
+            0 < lo <= hi,
+            f"config.aug.erasing_ratio={self.erasing_ratio}; need 0 < a <= b (height / width; "
+            "default (0.3, 3.3))",
+        )
+        _require(
+            self.erasing_value in ERASING_VALUES,
+            f"config.aug.erasing_value={self.erasing_value!r}; use one of {ERASING_VALUES}",
+        )
 
     @property
     def exact_geometry(self) -> bool:
@@ -94,7 +192,7 @@ class AugSettings:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)  # a ValueError: one line on the command line
 
 
 # ----------------------------------------------------------------------------- factories
@@ -105,16 +203,25 @@ def make_train_transform(aug_config, *, image_size: int, num_classes: int, prepr
     settings = AugSettings.from_config(aug_config)
     normalise = _normaliser(preprocessing)
 
+    policy_fn = make_policy(settings, image_size)
+
     def one_example(rng, image):
         k_geometry, k_colour = jax.random.split(rng)
         x = _geometry(k_geometry, image, settings, image_size)
-        return _colour(k_colour, x, settings)
+        if settings.policy or settings.erasing_prob:  # else the keys of earlier versions
+            k_colour, k_policy, k_erase = jax.random.split(k_colour, 3)
+        if settings.policy:
+            x = policy_fn(k_policy, x)
+        x = normalise(_colour(k_colour, x, settings))
+        if settings.erasing_prob:
+            x = random_erase(k_erase, x, settings)
+        return x
 
     def transform(rng, images, labels):
         _check_stored_size(images.shape, image_size)
         k_examples, k_mix = jax.random.split(rng)
         keys = jax.random.split(k_examples, images.shape[0])
-        x = normalise(jax.vmap(one_example)(keys, images))
+        x = jax.vmap(one_example)(keys, images)
         targets = smooth_onehot(labels, num_classes, settings.label_smoothing)
         if settings.mixup_alpha > 0 or settings.cutmix_alpha > 0:
             x, targets = _mix(k_mix, x, targets, settings)
@@ -382,3 +489,320 @@ def _cut_box(rng, lam, height: int, width: int):
     inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
     kept = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
     return inside, kept
+
+
+# ----------------------------------------------------------------------------- policy ops
+
+# torchvision's RandAugment / TrivialAugmentWide op set, in its order (op i is OPS[i]).
+OPS = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+_OP = {name: i for i, name in enumerate(OPS)}
+_GEOMETRIC = OPS[:6]  # op_matrix gives Identity (and every non-geometric op) the identity
+_BLENDS = ("Brightness", "Color", "Contrast", "Sharpness")
+SIGNED = np.array([op in _GEOMETRIC[1:] + _BLENDS for op in OPS])  # magnitude gets a random sign
+# AugMix's ops (all_ops=True): no Identity. Ops are drawn uniformly, so the order is moot.
+_AUGMIX_OPS = OPS[1:6] + OPS[10:] + _BLENDS
+_AUGMIX_BINS = 10  # torchvision's AugMix._PARAMETER_MAX
+_TV_GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale on tensors
+
+
+def magnitude_table(policy: str, *, bins: int, size: int) -> np.ndarray:
+    """float32 (len(OPS), bins): each op's magnitude per bin, before the sign, as in
+    torchvision's `_augmentation_space` of RandAugment, TrivialAugmentWide and AugMix
+    (AugMix: always 10 bins), for square size x size crops. Ops without a magnitude have
+    zeros."""
+    shear, translate, rotate, blend, bits, top_bits = {
+        "randaugment": (0.3, 150.0 / 331.0 * size, 30.0, 0.9, 4, 8),
+        "trivialaugment": (0.99, 32.0, 135.0, 0.99, 6, 8),
+        "augmix": (0.3, size / 3.0, 30.0, 0.9, 4, 4),
+    }[policy]
+    rows = dict.fromkeys(_BLENDS, _linspace(0.0, blend, bins))
+    rows.update(ShearX=_linspace(0.0, shear, bins), ShearY=_linspace(0.0, shear, bins))
+    rows.update(TranslateX=_linspace(0.0, translate, bins), Rotate=_linspace(0.0, rotate, bins))
+    rows.update(TranslateY=rows["TranslateX"], Solarize=_linspace(255.0, 0.0, bins))
+    rows["Posterize"] = top_bits - np.round(np.arange(bins) / ((bins - 1) / bits))
+    return np.stack([rows.get(op, np.zeros(bins)) for op in OPS]).astype(np.float32)
+
+
+def _linspace(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace's float32 values: a float32 step, each value rounded once from the
+    nearer end. np.linspace differs in the last bit, enough for int() of TrivialAugment's
+    16-pixel translate bin to give 15."""
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n)
+    from_start = np.float64(start32) + step * i
+    from_end = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
+
+
+def apply_op(x, op, magnitude, matrix, *, interpolation: str = "nearest", fill: float = 0.0):
+    """torchvision's `_apply_op` on a float32 (H, W, 3) image of 0..255 integers.
+
+    `op` indexes OPS and may be traced; `magnitude` is the signed value (degrees, a shear,
+    pixels, a factor - 1, bits or a threshold); `matrix` is `op_matrix(OPS[op], magnitude,
+    H, W)` for the geometric ops (ignored by the others). The result holds 0..255 integers
+    again. All three op families run and the op's is kept (one resample, one blend, the tone
+    curves), so a per-example op under vmap costs about three ops, not fourteen.
+    """
+    is_op = lambda names: jnp.isin(op, jnp.asarray([_OP[n] for n in names]))  # noqa: E731
+    warped = _warp(x, matrix, interpolation=interpolation, fill=fill)
+    x = jnp.where(is_op(_GEOMETRIC[1:]), warped, x)
+    x = jnp.where(is_op(_BLENDS), _blend_op(x, op, magnitude), x)
+    return _tone_op(x, op, magnitude)
+
+
+def op_matrix(op: str, magnitude: float, height: int, width: int) -> np.ndarray:
+    """float32 (2, 3), on the host: the inverse map of a geometric op as torchvision's tensor
+    path builds it (float64, then float32, each row over half the size): an output pixel
+    centre (x, y, 1), relative to the image centre, -> its source in [-1, 1] units. The
+    identity for the other ops. Built on the host so that ties between two source pixels
+    fall as torchvision's fall (a float32 cos / tan of 30 degrees would not)."""
+    m = float(magnitude)
+    rows = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    if op == "ShearX":  # about the top row (torchvision's center=[0, 0])
+        rows[0] = [1.0, m, m * height / 2]
+    elif op == "ShearY":  # about the left column
+        rows[1] = [m, 1.0, m * width / 2]
+    elif op in ("TranslateX", "TranslateY"):  # torchvision: translate=[int(magnitude), 0]
+        rows[op == "TranslateY"][2] = -float(math.trunc(m))
+    elif op == "Rotate":  # counter-clockwise about the centre
+        cos, sin = math.cos(math.radians(m)), math.sin(math.radians(m))
+        rows = [[cos, -sin, 0.0], [sin, cos, 0.0]]
+    theta = np.asarray(rows, np.float64).astype(np.float32)
+    return theta / np.asarray([[width / 2], [height / 2]], np.float32)
+
+
+def _warp(x, matrix, *, interpolation: str, fill: float):
+    """Sample x where `matrix` sends each output pixel, in torchvision's float32 order of
+    operations (affine grid, then grid_sample with align_corners=False and zero padding;
+    a nonzero fill is blended in by coverage, as torchvision does)."""
+    height, width = x.shape[:2]
+    rows = jnp.arange(height, dtype=jnp.float32) + (0.5 - height / 2)
+    cols = jnp.arange(width, dtype=jnp.float32) + (0.5 - width / 2)
+    v, u = jnp.meshgrid(rows, cols, indexing="ij")
+    grid = [_mul(u, matrix[k, 0]) + _mul(v, matrix[k, 1]) + matrix[k, 2] for k in (0, 1)]
+    # grid_sample's unnormalisation is a fused multiply-add in torch, and XLA fuses it too.
+    xs, ys = ((g + 1.0) * (n / 2) - 0.5 for g, n in zip(grid, (width, height), strict=True))
+    corners = [(jnp.round(ys), jnp.round(xs), 1.0)]  # nearbyint: half to even, as torch
+    if interpolation == "bilinear":
+        y0, x0 = jnp.floor(ys), jnp.floor(xs)
+        wy, wx = (ys - y0, y0 + 1.0 - ys), (xs - x0, x0 + 1.0 - xs)
+        corners = [(y0 + dy, x0 + dx, wy[1 - dy] * wx[1 - dx]) for dy in (0, 1) for dx in (0, 1)]
+    out, coverage = jnp.zeros_like(x), jnp.zeros_like(xs)
+    for yi, xi, weight in corners:
+        inside = (yi >= 0) & (yi <= height - 1) & (xi >= 0) & (xi <= width - 1)
+        weight = jnp.where(inside, weight, 0.0)
+        ya = jnp.clip(yi, 0, height - 1).astype(jnp.int32)
+        xa = jnp.clip(xi, 0, width - 1).astype(jnp.int32)
+        out, coverage = out + _mul(x[ya, xa], weight[..., None]), coverage + weight
+    if fill:  # torchvision: img * mask + (1 - mask) * fill, on the zero-padded sample
+        out = _mul(out, coverage[..., None]) + _mul(1.0 - coverage[..., None], fill)
+    return jnp.clip(jnp.round(out), 0.0, 255.0)
+
+
+def _mul(a, b):
+    """a * b rounded to float32 on its own, as torch rounds every product. Left alone, XLA
+    fuses a product and the sum after it into one multiply-add (a single rounding), which
+    moves nearest-pixel ties and uint8 truncations to the other side of torchvision's."""
+    product = a * b
+    return jnp.where(jnp.isnan(product), 0.0, product)  # a select: no fusing across it
+
+
+def _blend_op(x, op, magnitude):
+    """Brightness, Color, Contrast, Sharpness: torchvision's _blend with factor 1 + m of the
+    image and a degenerate one (black, its grey, its mean grey, its smoothed self)."""
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    grey = jnp.floor(_mul(r, _TV_GREY[0]) + _mul(g, _TV_GREY[1]) + _mul(b, _TV_GREY[2]))
+    degenerate = jnp.zeros_like(x)
+    degenerate = jnp.where(op == _OP["Color"], grey[..., None], degenerate)
+    degenerate = jnp.where(op == _OP["Contrast"], jnp.mean(grey), degenerate)
+    degenerate = jnp.where(op == _OP["Sharpness"], _smoothed(x), degenerate)
+    # torchvision: ratio * img + (1.0 - ratio) * other, with 1.0 - ratio == -m exactly.
+    blended = _mul(x, 1.0 + magnitude) + _mul(degenerate, -magnitude)
+    return jnp.floor(jnp.clip(blended, 0.0, 255.0))  # uint8 cast truncates
+
+
+def _smoothed(x):
+    """torchvision's sharpness reference: 3x3 weights 1 (centre 5) / 13, rounded; the
+    border pixels are the image's own."""
+    height, width = x.shape[:2]
+    side, centre = np.float32(1.0) / np.float32(13.0), np.float32(5.0) / np.float32(13.0)
+    total = jnp.zeros((height - 2, width - 2, x.shape[2]), x.dtype)
+    for dy in range(3):
+        for dx in range(3):
+            weight = centre if dy == dx == 1 else side
+            total = total + weight * x[dy : dy + height - 2, dx : dx + width - 2]
+    # A sum of integers over 13 is never within float error of k + 1/2: any order rounds alike.
+    return x.at[1:-1, 1:-1].set(jnp.round(total))
+
+
+def _tone_op(x, op, magnitude):
+    """Posterize (keep `m` bits), Solarize (invert from threshold `m`), AutoContrast and
+    Equalize, per channel; any other op passes x through."""
+    step = 2.0 ** (8.0 - jnp.clip(magnitude, 0.0, 8.0))  # other ops' magnitudes: any step
+    out = jnp.where(op == _OP["Posterize"], jnp.floor(x / step) * step, x)
+    out = jnp.where(op == _OP["Solarize"], jnp.where(x >= magnitude, 255.0 - x, x), out)
+    out = jnp.where(op == _OP["AutoContrast"], _autocontrast(x), out)
+    return jnp.where(op == _OP["Equalize"], _equalize(x), out)
+
+
+def _autocontrast(x):
+    lo, hi = x.min(axis=(0, 1)), x.max(axis=(0, 1))
+    flat = hi == lo  # torchvision: a flat channel keeps its values (min 0, scale 1)
+    # 255 * (1 / range): torch evaluates `255 / tensor` as a reciprocal times 255.
+    scale = jnp.where(flat, 1.0, 255.0 * (1.0 / jnp.where(flat, 1.0, hi - lo)))
+    lo = jnp.where(flat, 0.0, lo)
+    return jnp.floor(jnp.clip((x - lo) * scale, 0.0, 255.0))
+
+
+def _equalize(x):
+    """torchvision's equalize: per channel, a lookup table from the cumulative histogram
+    with the brightest level's count left out of the step; a channel with one level (or
+    too few pixels below its brightest) is kept."""
+    values = x.reshape(-1, x.shape[-1]).astype(jnp.int32).T  # (C, P)
+    hist = jax.vmap(lambda v: jnp.bincount(v, length=256))(values)
+    brightest = jnp.take_along_axis(hist, values.max(axis=1, keepdims=True), axis=1)[:, 0]
+    step = (values.shape[1] - brightest) // 255
+    safe = jnp.maximum(step, 1)[:, None]
+    lut = (jnp.cumsum(hist, axis=1) + safe // 2) // safe
+    lut = jnp.clip(jnp.pad(lut, ((0, 0), (1, 0)))[:, :-1], 0, 255)
+    out = jnp.take_along_axis(lut, values, axis=1).T.reshape(x.shape)
+    return jnp.where(step == 0, x, out.astype(x.dtype))
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+def make_policy(s: AugSettings, size: int):
+    """fn(rng, x float32 (size, size, 3) in 0..255) -> the same, as 0..255 integers, for
+    s.policy; None without one."""
+    if not s.policy:
+        return None
+    n_bins = _AUGMIX_BINS if s.policy == "augmix" else s.magnitude_bins
+    table = magnitude_table(s.policy, bins=n_bins, size=size)
+    op_fn = table_op_fn(table, size, interpolation=s.policy_interpolation, fill=s.policy_fill)
+    run = {"randaugment": _randaugment, "trivialaugment": _trivialaugment, "augmix": _augmix}
+    policy = functools.partial(run[s.policy], s=s, n_bins=n_bins, op_fn=op_fn)
+
+    def apply(rng, x):
+        x = jnp.clip(jnp.round(x), 0.0, 255.0)  # the crop as the uint8 image torchvision has
+        return policy(rng, x)
+
+    return apply
+
+
+def table_op_fn(table, size: int, *, interpolation: str, fill: float):
+    """fn(image, op, bin, negate) -> apply_op at magnitude +-table[op, bin], with the
+    geometric maps of every (op, bin, sign) built once on the host."""
+    signed = np.stack([table, -table], axis=-1)  # (ops, bins, 2)
+    matrices = np.asarray(
+        [
+            [[op_matrix(op, m, size, size) for m in pair] for pair in signed[i]]
+            for i, op in enumerate(OPS)
+        ]
+    )
+    signed, matrices = jnp.asarray(signed), jnp.asarray(matrices)
+
+    def op_fn(image, op, bin_, negate):
+        sign = negate.astype(jnp.int32)
+        magnitude, matrix = signed[op, bin_, sign], matrices[op, bin_, sign]
+        return apply_op(image, op, magnitude, matrix, interpolation=interpolation, fill=fill)
+
+    return op_fn
+
+
+def draw_op(rng, *, n_bins: int, ops=OPS, bin_=None):
+    """(op index, magnitude bin, negate): an op uniform over `ops`, the bin `bin_` or uniform
+    in [0, n_bins), the sign negative with probability 1/2 for the signed ops."""
+    k_op, k_bin, k_sign = jax.random.split(rng, 3)
+    op = jnp.asarray([_OP[name] for name in ops])[jax.random.randint(k_op, (), 0, len(ops))]
+    if bin_ is None:
+        bin_ = jax.random.randint(k_bin, (), 0, n_bins)
+    negate = jnp.asarray(SIGNED)[op] & jax.random.bernoulli(k_sign)
+    return op, jnp.asarray(bin_, jnp.int32), negate
+
+
+def _randaugment(rng, x, *, s: AugSettings, n_bins: int, op_fn):
+    def step(image, key):
+        return op_fn(image, *draw_op(key, n_bins=n_bins, bin_=s.randaugment_m)), None
+
+    return jax.lax.scan(step, x, jax.random.split(rng, s.randaugment_n))[0]
+
+
+def _trivialaugment(rng, x, *, s: AugSettings, n_bins: int, op_fn):
+    return op_fn(x, *draw_op(rng, n_bins=n_bins))
+
+
+def _augmix(rng, x, *, s: AugSettings, n_bins: int, op_fn):
+    """torchvision's AugMix: `width` chains of 1..3 (or `depth`) ops, magnitudes from the
+    lowest `severity` bins, mixed with Dirichlet weights and a Beta share of the original."""
+    k_share, k_weights, k_chains = jax.random.split(rng, 3)
+    alpha = s.augmix_alpha
+    share = jax.random.dirichlet(k_share, jnp.full((2,), alpha))
+    weights = jax.random.dirichlet(k_weights, jnp.full((s.augmix_width,), alpha)) * share[1]
+    depth_max = s.augmix_depth if s.augmix_depth > 0 else 3
+
+    def chain(key):
+        k_depth, k_ops = jax.random.split(key)
+        depth = s.augmix_depth if s.augmix_depth > 0 else jax.random.randint(k_depth, (), 1, 4)
+
+        def step(image, i_key):
+            i, k = i_key
+            out = op_fn(image, *draw_op(k, n_bins=s.augmix_severity, ops=_AUGMIX_OPS))
+            return jnp.where(i < depth, out, image), None
+
+        steps = (jnp.arange(depth_max), jax.random.split(k_ops, depth_max))
+        return jax.lax.scan(step, x, steps)[0]
+
+    chains = jax.vmap(chain)(jax.random.split(k_chains, s.augmix_width))
+    return augmix_mix(x, chains, share[0], weights)
+
+
+def augmix_mix(x, chains, share, weights):
+    """AugMix's sum, in torchvision's order: share * x, then + weights[i] * chains[i];
+    truncated to integers as its uint8 cast does."""
+    mixed = _mul(x, share)
+    for i in range(chains.shape[0]):
+        mixed = mixed + _mul(chains[i], weights[i])
+    return jnp.floor(jnp.clip(mixed, 0.0, 255.0))
+
+
+# ----------------------------------------------------------------------------- erasing
+
+
+def random_erase(rng, x, s: AugSettings):
+    """torchvision's RandomErasing on one normalised (H, W, C) image: with probability
+    erasing_prob, a box of area fraction ~ U(scale) and height / width log-uniform in
+    `ratio` (the first of 10 draws that fits strictly inside) is set to 0 or N(0, 1) noise."""
+    k_apply, k_area, k_ratio, k_top, k_left, k_noise = jax.random.split(rng, 6)
+    height, width = x.shape[:2]
+    lo, hi = s.erasing_scale
+    area = height * width * jax.random.uniform(k_area, (10,), minval=lo, maxval=hi)
+    log_r = [math.log(r) for r in s.erasing_ratio]
+    aspect = jnp.exp(jax.random.uniform(k_ratio, (10,), minval=log_r[0], maxval=log_r[1]))
+    box_h, box_w = jnp.round(jnp.sqrt(area * aspect)), jnp.round(jnp.sqrt(area / aspect))
+    fits = (box_h < height) & (box_w < width)
+    box_h, box_w = box_h[jnp.argmax(fits)], box_w[jnp.argmax(fits)]
+    top = jnp.floor(jax.random.uniform(k_top) * (height - box_h + 1))
+    left = jnp.floor(jax.random.uniform(k_left) * (width - box_w + 1))
+    rows = jnp.arange(height, dtype=jnp.float32)[:, None]
+    cols = jnp.arange(width, dtype=jnp.float32)[None, :]
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w)
+    erase = (jax.random.uniform(k_apply) < s.erasing_prob) & fits.any() & inside
+    value = jax.random.normal(k_noise, x.shape) if s.erasing_value == "random" else 0.0
+    return jnp.where(erase[..., None], value, x)
