@@ -12,7 +12,7 @@ from PIL import Image
 from tlflax import config_lib, train
 from tlflax.data import build_datasets
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
 ARGS = {"folder.py": "path=/data/photos"}
 
 
@@ -87,3 +87,22 @@ def test_parse_arg_types():
         "n=3,x=0.5,runlocal,name=a b", {"n": 1, "x": 0.0, "runlocal": False, "name": ""}
     )
     assert got == {"n": 3, "x": 0.5, "runlocal": True, "name": "a b"}
+
+
+def test_every_package_and_the_configs_install():
+    """pyproject lists the packages by hand (configs/ maps to tlflax.configs): one that is
+    forgotten would be missing from the wheel and only fail for users."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {
+        ".".join(p.parent.relative_to(root).parts) for p in (root / "tlflax").rglob("__init__.py")
+    }
+    assert set(setup["packages"]) == found | {"tlflax.configs"}
+    assert setup["package-dir"] == {"tlflax.configs": "configs"}
+    assert (root / "configs" / "__init__.py").is_file()
+    from tlflax import help as help_lib
+
+    assert {"demo", "folder"} <= set(help_lib.builtin_configs())
+    assert help_lib.resolve_config_arg("folder:path=X").endswith("folder.py:path=X")
