@@ -11,6 +11,7 @@ asked for, so it cannot show a host split. Hence two offline routes:
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,10 @@ def test_small_split_is_cached_and_reused_without_tensorflow(tiny_dir, tmp_path)
     assert isinstance(ds.train, data.ArraySplit)
     assert ds.manifest["splits"]["train"]["cache"]["status"] == "built"
     assert sorted(ids({"image": ds.train.images}).tolist()) == list(range(N_TRAIN))
+    # Each example's TFDS id travels with it, so that error lists can name it.
+    assert len(set(ds.train.names)) == N_TRAIN
+    assert all(re.fullmatch(r"tlflax_tiny_shapes-train\.tfrecord-\d+-of-\d+__\d+", n)
+               for n in ds.train.names), ds.train.names[:3]  # fmt: skip
     script = textwrap.dedent(
         f"""
         import sys

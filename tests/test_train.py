@@ -167,6 +167,25 @@ def _colour_folder(root: pathlib.Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
+def test_a_train_plus_val_folder_validates_on_val_through_the_cli(tmp_path):
+    """The PyTorch tutorial's layout, as a user types the command: every file of val/
+    validates and none is carved out of train/ (the folder config's val_fraction is auto)."""
+    sizes = _colour_folder(tmp_path / "photos")
+    (tmp_path / "photos" / "test").rename(tmp_path / "photos" / "val")
+    workdir = tmp_path / "run"
+    config = f"configs/folder.py:path={tmp_path / 'photos'},runlocal"
+    cmd = [sys.executable, "-m", "tlflax.main", "train", "--config", config]
+    done = _run([*cmd, "--workdir", str(workdir), "--config.model.name=resnet_tiny"])
+    manifest = json.loads((workdir / "data_manifest.json").read_text())
+    assert manifest["roles"]["eval"] == str(tmp_path / "photos" / "val")
+    assert manifest["roles"]["test"] is None and manifest["roles"]["unused"] == []
+    assert manifest["splits"]["eval"]["n_images"] == sizes["test"]  # all of val/
+    assert manifest["splits"]["train"]["n_images"] == sizes["train"]  # nothing carved
+    assert f"/{sizes['test']}" in done.stdout
+    assert "not used" not in done.stderr
+
+
+@pytest.mark.slow
 def test_eval_restores_the_best_not_the_latest_and_takes_a_split(tmp_path, capsys):
     """A fine-tune at lr 1 spoils the probe: the best checkpoint (by val top-1) is the one at
     the phase switch, not the last. `eval --split test` then reads the held-out folder
