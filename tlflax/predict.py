@@ -14,8 +14,8 @@ import os
 import jax
 import numpy as np
 
-from tlflax import evaluate, fs
-from tlflax.data import augment, decode
+from tlflax import fs, train
+from tlflax.data import decode
 from tlflax.errors import UserError
 
 FORMATS = (".csv", ".json")
@@ -49,19 +49,8 @@ def _files_below(folder: str) -> list[str]:
 
 def make_probs_fn(run, *, tta: str = ""):
     """jit(variables, uint8 (B, S, S, 3)) -> (B, C) probabilities, as eval computes them."""
-    eval_transform = augment.make_eval_transform(
-        image_size=run.prep.resolution, preprocessing=run.prep
-    )
-    model = run.spec.module
-
-    def model_apply(variables, images):
-        return model.apply(variables, images, train=False, bn_train=False)
-
-    if tta:
-        size = run.prep.resolution
-        log_probs = evaluate.tta_apply(model_apply, eval_transform, kind=tta, image_size=size)
-        return jax.jit(lambda v, images: jax.numpy.exp(log_probs(v, images)))
-    return jax.jit(lambda v, images: jax.nn.softmax(model_apply(v, eval_transform(images))))
+    logits_fn = train.make_logits_fn(run, tta=tta)
+    return jax.jit(lambda variables, images: jax.nn.softmax(logits_fn(variables, images)))
 
 
 def predict_files(paths, *, probs_fn, variables, resize, max_pixels, workers, batch_size):

@@ -311,8 +311,10 @@ def _jit_train_step(config, run: Run, phase, shardings):
     )
 
 
-def make_eval_fn(run: Run, *, tta: str = ""):
-    """jit(variables, batch) -> per-example outputs; tta: evaluate.TTA views averaged."""
+def make_logits_fn(run: Run, *, tta: str = ""):
+    """(variables, uint8 images (B, S, S, 3) at the stored size) -> logits, pure: the eval
+    crop and normalisation, then the model in inference mode. tta: one of evaluate.TTA,
+    whose views' mean probabilities come back as log-probabilities."""
     eval_transform = data.augment.make_eval_transform(
         image_size=run.prep.resolution, preprocessing=run.prep
     )
@@ -323,9 +325,15 @@ def make_eval_fn(run: Run, *, tta: str = ""):
 
     if tta:
         size = run.prep.resolution
-        model_apply = evaluate.tta_apply(model_apply, eval_transform, kind=tta, image_size=size)
-        eval_transform = lambda images: images  # the views do their own crops
-    return jax.jit(evaluate.make_eval_step(model_apply=model_apply, eval_transform=eval_transform))
+        return evaluate.tta_apply(model_apply, eval_transform, kind=tta, image_size=size)
+    return lambda variables, images: model_apply(variables, eval_transform(images))
+
+
+def make_eval_fn(run: Run, *, tta: str = ""):
+    """jit(variables, batch) -> per-example outputs (evaluate.make_eval_step)."""
+    logits_fn = make_logits_fn(run, tta=tta)
+    identity = lambda images: images  # logits_fn crops and normalises
+    return jax.jit(evaluate.make_eval_step(model_apply=logits_fn, eval_transform=identity))
 
 
 def run_eval(eval_fn, st, run: Run, *, split=None):
