@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # Optional ../shared/data; tests that need it skip without it (CI makes it required).
 SHARED_DATA ?= ../shared/data
 
-.PHONY: setup setup-test demo test lint clean
+.PHONY: setup setup-test demo test test-fast lint check-floors clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,27 @@ demo: setup
 test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The edit-test loop: everything but the tests marked slow (real training runs, processes).
+test-fast: setup-test
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
 lint: setup-test
 	$(VENV)/bin/ruff check tlflax tests benchmarks configs
 	$(VENV)/bin/ruff format --check tlflax tests benchmarks configs
+
+# The declared floors, for real: a throwaway venv outside the repo with every runtime
+# dependency pinned to its pyproject `>=` floor, then tests/smoke_floors.py (train, resume,
+# eval, predict on tests/tiny_config.py). Downloads from PyPI; not part of `make test`.
+FLOORS_VENV ?= /tmp/tlflax-floors-venv
+FLOORS_PYTHON ?= $(PYTHON)
+check-floors:
+	rm -rf $(FLOORS_VENV)
+	$(FLOORS_PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip --disable-pip-version-check -q install -U pip
+	$(FLOORS_PYTHON) tests/smoke_floors.py --constraints > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip --disable-pip-version-check -q install \
+	  -c $(FLOORS_VENV)/floors.txt -e .
+	$(FLOORS_VENV)/bin/python tests/smoke_floors.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
