@@ -294,7 +294,7 @@ class Progress:
     def evaluated(self, step: int, *, phase: str, top1: float, loss: float) -> None:
         if not self.enabled:
             return
-        if self._best is None or top1 > self._best[0]:
+        if self._best is None or top1 >= self._best[0]:  # ties: the latest, as checkpoints
             self._best = (top1, step)
         log.info(
             "step %d/%d  epoch %.2f  phase %s  validation top-1 %.4f  loss %.4f  "
