@@ -20,8 +20,19 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 	$(PIP) install -e '.[test,dev]'
 	touch $@
 
+# SkyPilot in a venv of its own, as on the machine you launch from (it needs no jax, and
+# its click cap would hold huggingface_hub back in the test venv): tests/test_launch.py
+# parses launch/skypilot/*.yaml with it. The version range is the [launch] extra's.
+SKY_VENV ?= .venv-sky
+$(SKY_VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/python -m pip --disable-pip-version-check -q install -U pip
+	$(SKY_VENV)/bin/python -m pip --disable-pip-version-check -q install \
+	  "$$($(PYTHON) tests/sky_tasks.py --requirement)" pyyaml
+	touch $@
+
 setup: $(VENV)/.runtime
-setup-test: $(VENV)/.test
+setup-test: $(VENV)/.test $(SKY_VENV)/.ready
 
 # A fresh run each time (a workdir that holds a checkpoint would resume instead).
 DEMO_DIR ?= runs/demo
@@ -55,4 +66,4 @@ check-floors:
 	$(FLOORS_VENV)/bin/python tests/smoke_floors.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(SKY_VENV) .pytest_cache

@@ -15,9 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
-import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -47,19 +47,79 @@ def _calls(path) -> list[list[str]]:
 # ----------------------------------------------------------------------------- SkyPilot
 
 
+SKY_PYTHON = ROOT / ".venv-sky" / "bin" / "python"  # `make setup-test` builds it
+
+
+def _sky_python() -> str | None:
+    """A Python with SkyPilot: TLFLAX_SKY_PYTHON, this one (the launch extras), .venv-sky."""
+    if os.environ.get("TLFLAX_SKY_PYTHON"):
+        return os.environ["TLFLAX_SKY_PYTHON"]
+    if importlib.util.find_spec("sky") is not None:
+        return sys.executable
+    return str(SKY_PYTHON) if SKY_PYTHON.exists() else None
+
+
+class SkyTasks:
+    """Task files as SkyPilot's own parser loads them, in a SkyPilot Python (tests/sky_tasks.py);
+    each distinct (file, --env) request is parsed once."""
+
+    def __init__(self, python: str, home: pathlib.Path):
+        self.python, self.home, self.answers = python, home, {}
+
+    def load(self, requests: list[tuple[str, dict | None]]) -> None:
+        todo = [r for r in dict.fromkeys(_key(*r) for r in requests) if r not in self.answers]
+        if not todo:
+            return
+        payload = [
+            {"file": str(LAUNCH / "skypilot" / f), "envs": None if e is None else dict(e)}
+            for f, e in todo
+        ]
+        env = dict(os.environ, HOME=str(self.home), SKYPILOT_DISABLE_USAGE_COLLECTION="1")
+        done = subprocess.run(
+            [self.python, str(ROOT / "tests" / "sky_tasks.py")],
+            input=json.dumps(payload),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{self.python} tests/sky_tasks.py: {done.stderr[-3000:]}"
+        self.answers.update(zip(todo, json.loads(done.stdout), strict=True))
+
+    def task(self, name: str, envs: dict | None):
+        self.load([(name, envs)])
+        answer = self.answers[_key(name, envs)]
+        return answer if "error" in answer else SimpleNamespace(**answer)
+
+
+def _key(name: str, envs: dict | None) -> tuple:
+    return name, None if envs is None else tuple(sorted(envs.items()))
+
+
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
-    """SkyPilot, imported with its state (~/.sky) in a temporary home and no usage reports."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(tmp_path_factory.mktemp("sky_home")))
-        mp.setenv("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")
-        yield pytest.importorskip("sky", reason="pip install skypilot (the launch extras)")
+    """SkyPilot's parser with its state (~/.sky) in a temporary home and no usage reports."""
+    python = _sky_python()
+    if python is None:
+        if os.environ.get("TLFLAX_REQUIRE_SKYPILOT"):
+            pytest.fail(f"TLFLAX_REQUIRE_SKYPILOT is set but {SKY_PYTHON} is missing")
+        pytest.skip("no SkyPilot: make setup-test builds .venv-sky (or pip install '.[launch]')")
+    tasks = SkyTasks(python, tmp_path_factory.mktemp("sky_home"))
+    # Every request of this module in one process: importing SkyPilot takes seconds.
+    tasks.load([(n, e) for n in EXPECTED for e in ({"WORKDIR": "gs://bucket/runs/x"}, None)])
+    tasks.load([(n, {"WORKDIR": "gs://b/r", "EXTRA": "--config.optim.lr=0.1"}) for n in EXPECTED])
+    tasks.load([("gpu_nodes.yaml", {"WORKDIR": "gs://b/r"}), ("spot_job.yaml", RUNS_X)])
+    return tasks
+
+
+RUNS_X = {"WORKDIR": "runs/x"}
 
 
 def _task(sky, name: str, **envs):
     """The task `sky launch FILE --env K=V ...` would run (the CLI's own loading path)."""
-    config = yaml.safe_load((LAUNCH / "skypilot" / name).read_text())
-    return sky.Task.from_yaml_config(config, env_overrides=list(envs.items()))
+    task = sky.task(name, envs)
+    assert not isinstance(task, dict), task["error"]
+    return task
 
 
 def _run_script(tmp_path, script: str, task, **extra_env) -> subprocess.CompletedProcess:
@@ -88,15 +148,15 @@ def test_every_skypilot_file_is_tested():
 def test_skypilot_file_parses_with_the_resources_it_names(sky, name):
     accel, count, num_nodes, use_spot, _ = EXPECTED[name]
     task = _task(sky, name, WORKDIR="gs://bucket/runs/x")
-    (resources,) = task.resources
-    assert resources.accelerators == {accel: count}
-    assert (task.num_nodes, resources.use_spot) == (num_nodes, use_spot)
+    assert task.accelerators == {accel: count}
+    assert (task.num_nodes, task.use_spot) == (num_nodes, use_spot)
     assert task.workdir == "."  # the repository root, synced without .gitignore'd .venv / runs
     if accel.startswith("tpu-"):
-        assert accel in sky.catalog.get_tpus()  # a TPU name SkyPilot knows (offline list)
-        assert resources.accelerator_args["runtime_version"]
-    with pytest.raises(ValueError, match="WORKDIR"):  # no default bucket: it must be given
-        sky.Task.from_yaml(str(LAUNCH / "skypilot" / name))
+        assert task.known_tpus == [accel]  # a TPU name SkyPilot knows (offline list)
+        assert task.accelerator_args["runtime_version"]
+    # No default bucket: it must be given.
+    error = sky.task(name, None)
+    assert error["error"].startswith("ValueError") and "WORKDIR" in error["error"], error
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -145,9 +205,8 @@ def test_skypilot_gpu_nodes_take_the_coordinator_from_skypilot(sky, tmp_path):
 
 
 def test_skypilot_spot_job_refuses_a_workdir_that_dies_with_the_vm(sky, tmp_path):
-    task = _task(sky, "spot_job.yaml", WORKDIR="runs/x")
-    (resources,) = task.resources
-    assert resources.job_recovery["strategy"] == "EAGER_NEXT_REGION"
+    task = _task(sky, "spot_job.yaml", **RUNS_X)
+    assert task.job_recovery["strategy"] == "EAGER_NEXT_REGION"
     done = _run_script(tmp_path, task.run, task)
     assert done.returncode == 2 and "WORKDIR=runs/x" in done.stderr and "gs://" in done.stderr
     assert _calls(tmp_path / "c") == []
