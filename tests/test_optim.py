@@ -47,8 +47,10 @@ def optim_config(**values):
 
 def one_phase(c, *, total=100, steps_per_epoch=10, params=None):
     params = make_params() if params is None else params
+    train_config = config_lib.get_base_config().train
+    train_config.steps = total
     phases = optim.make_phases(
-        c, params=params, spec=None, steps_per_epoch=steps_per_epoch, total_steps=total
+        c, train_config=train_config, params=params, spec=None, steps_per_epoch=steps_per_epoch
     )
     assert len(phases) == 1
     return phases[0]

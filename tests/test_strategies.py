@@ -34,11 +34,12 @@ def configs(**values):
 
 
 def phases_of(config, spec, params, *, steps_per_epoch=10):
-    total = optim.total_steps(
-        config.optim, steps_per_epoch=steps_per_epoch, train_config=config.train
-    )
     return optim.make_phases(
-        config.optim, params=params, spec=spec, steps_per_epoch=steps_per_epoch, total_steps=total
+        config.optim,
+        train_config=config.train,
+        params=params,
+        spec=spec,
+        steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -328,18 +329,77 @@ def test_bad_configs_fail_before_anything_compiles(values, message, caplog):
     assert not [r for r in caplog.records if "ompil" in r.getMessage()]
 
 
-def test_two_phase_total_must_match_its_phases():
+def test_two_phase_length_is_the_sum_of_its_phases():
     spec = make_spec("resnet_tiny")
     config = configs(strategy="two_phase", probe_steps=3, finetune_steps=4)
-    with pytest.raises(ValueError, match="total_steps=10 but the phases take 3 \\+ 4"):
-        optim.make_phases(
-            config.optim,
-            params=abstract_params(spec),
-            spec=spec,
-            steps_per_epoch=1,
-            total_steps=10,
-        )
+    phases = phases_of(config, spec, abstract_params(spec), steps_per_epoch=1)
+    assert [(p.start_step, p.end_step) for p in phases] == [(0, 3), (3, 7)]
     assert optim.total_steps(config.optim, steps_per_epoch=1, train_config=config.train) == 7
+
+
+def test_every_strategy_is_one_entry_of_the_plan_table():
+    assert optim.STRATEGIES == tuple(k for k in optim.STRATEGY_PLANS if k)
+    config = configs(strategy="two_phase", probe_epochs=2.0, finetune_steps=5)
+    specs = optim.plan_phases(config.optim, train_config=config.train)
+    assert [(s.name, s.rules, s.steps, s.epochs) for s in specs] == [
+        ("linear_probe", "linear_probe", 0, 2.0),
+        ("finetune", "full", 5, 0.0),
+    ]
+    assert [s.bind(10) for s in specs] == [20, 5]  # durations bound once the data is known
+
+
+HEAD_ONLY = (("head/.*", {}), (".*", None))
+STAGE3_UP = (("head/.*", {"name": "head"}), ("backbone/stage3/.*", {"lr_mult": 0.1}), (".*", None))
+
+
+def test_hand_written_groups_in_a_plan_of_phases():
+    spec = make_spec("resnet_tiny")
+    params = abstract_params(spec)
+    phases_config = (
+        dict(name="probe", groups=HEAD_ONLY, steps=3),
+        dict(groups=STAGE3_UP, epochs=0.5, lr=1e-4, optimizer="sgd"),
+    )
+    config = configs(strategy="", phases=phases_config)
+    phases = phases_of(config, spec, params, steps_per_epoch=10)
+    assert [(p.name, p.start_step, p.end_step) for p in phases] == [
+        ("probe", 0, 3),
+        ("phase1", 3, 8),
+    ]
+    trainable = [sorted(n for n, t in tree.flatten(p.trainable).items() if t) for p in phases]
+    assert all(n.startswith("head/") for n in trainable[0])
+    assert {n.split("/")[1] for n in trainable[1] if n.startswith("backbone/")} == {"stage3"}
+    assert "optimizer sgd, lr 0.0001" in phases[1].table
+    assert phases[1].lr_fns["rule1"](3) == pytest.approx(1e-5)  # lr * lr_mult at its start
+    assert optim.total_steps(config.optim, steps_per_epoch=10, train_config=config.train) == 8
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"phases": (dict(groups=HEAD_ONLY),)}, "phases\\[0\\]: phase phase0 has no duration"),
+        ({"phases": (dict(groups=HEAD_ONLY, step=2),)}, "phases\\[0\\] = .* keys from"),
+        ({"phases": (dict(groups=(), steps=2),)}, "phases\\[0\\].groups is empty"),
+        (
+            {"phases": (dict(groups=HEAD_ONLY, steps=1, epochs=1.0),)},
+            "both steps and epochs are set",
+        ),
+        (
+            {"phases": (dict(name="a", groups=HEAD_ONLY, steps=1),) * 2},
+            "phase name 'a' is used twice",
+        ),
+        ({"phases": (dict(groups=HEAD_ONLY, steps=1),), "groups": HEAD_ONLY}, "both set"),
+        ({"phases": (dict(groups=HEAD_ONLY, steps=1),), "strategy": "full"}, "optim.phases is set"),
+        (
+            {"phases": (dict(groups=(("nothing/.*", {}), (".*", None)), steps=1),)},
+            "phase phase0: groups\\[0\\]: regex 'nothing/.\\*' matches no parameter",
+        ),
+    ],
+)
+def test_bad_plans_of_phases_are_clear_errors(values, message):
+    spec = make_spec("resnet_tiny")
+    config = configs(strategy="", **values) if "strategy" not in values else configs(**values)
+    with pytest.raises(ValueError, match=message):
+        optim.check_groups(config.optim, params=abstract_params(spec), spec=spec)
 
 
 def test_preset_regexes_read_as_module_prefixes():

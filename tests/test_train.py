@@ -482,3 +482,34 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert all(step < bad_step for step in ckpts)  # nothing from the bad step on was kept
     params, _ = _final_params(tmp_path)
     assert all(np.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.slow
+def test_a_plan_of_hand_written_phases_trains_phase_after_phase(tmp_path):
+    """optim.phases: groups written by hand, two phases (refused before the plan table)."""
+    config = config_lib.get_base_config()
+    config.update_from_flattened_dict(
+        {
+            "model.name": "resnet_tiny",
+            "data.source": "digits",
+            "data.val_fraction": 0.1,
+            "data.image_size": 16,
+            "data.batch_size": 16,
+            "optim.strategy": "",
+            "train.log_every": 1,
+            "train.checkpoint_every": 100,
+        }
+    )
+    config.optim.phases = (
+        dict(name="head", groups=(("head/.*", {}), (".*", None)), steps=2),
+        dict(name="top", groups=(("(head|backbone/stage4)/.*", {}), (".*", None)), steps=3),
+    )
+    summary = train.train_and_evaluate(config, tmp_path)
+    assert [(r["strategy"], r["step"]) for r in summary["phases"]] == [("head", 2), ("top", 5)]
+    assert summary["steps"] == 5
+    ckpts = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts == [2, 5]  # each phase's end
+    table = (tmp_path / "optimizer_groups.txt").read_text()
+    assert "phase head (steps 0..2)" in table and "phase top (steps 2..5)" in table
+    lrs = {h["step"]: h for h in _history(tmp_path) if "train/loss" in h}
+    assert sorted(lrs) == [1, 2, 3, 4, 5] and "lr/rule0" in lrs[5]

@@ -200,10 +200,10 @@ def cmd_inspect(flags, config, positional) -> int:
         print(f"preprocessing: {loaded.preprocessing}")
     phases = optim.make_phases(
         config.optim,
+        train_config=config.train,
         params=variables["params"],
         spec=spec,
         steps_per_epoch=1,
-        total_steps=optim.total_steps(config.optim, steps_per_epoch=1, train_config=config.train),
     )
     for phase in phases:
         print(f"phase {phase.name}:\n{phase.table}\n")

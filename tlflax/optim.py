@@ -34,7 +34,6 @@ from tlflax import schedules, tree
 from tlflax.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-STRATEGIES = ("linear_probe", "last_k", "full", "two_phase")
 FINETUNES = ("full", "last_k")  # what phase 2 of two_phase may be
 LR_DECAYS = ("none", "linear", "exponential", "layer_decay")
 FROZEN = "frozen"  # the label of every frozen leaf
@@ -78,17 +77,23 @@ class Rule:
 def validate(c) -> None:
     """Every check that needs the config only; make_phases adds those that need the model."""
     _check_choice("name", c.name, OPTIMIZERS)
-    _check_choice("strategy", c.strategy, ("",) + STRATEGIES)
+    _check_choice("strategy", c.strategy, tuple(STRATEGY_PLANS))
     _check_choice("lr_decay", c.lr_decay, LR_DECAYS)
     _check_choice("finetune", c.finetune, FINETUNES)
     _check_choice("finetune_optimizer", c.finetune_optimizer, ("",) + OPTIMIZERS)
     _check_choice("schedule", c.schedule, schedules.SCHEDULES)
-    if c.strategy and c.groups:
+    for key in ("groups", "phases"):
+        if c.strategy and c[key]:
+            raise ConfigError(
+                f"config.optim.strategy={c.strategy!r} writes the phases and groups, but "
+                f"config.optim.{key} is set too; set strategy='' to use your {key}, or clear it"
+            )
+    if not c.strategy and c.groups and c.phases:
         raise ConfigError(
-            f"config.optim.strategy={c.strategy!r} writes the groups, but config.optim.groups "
-            "is set too; set strategy='' to use your groups, or clear groups"
+            "config.optim.groups and config.optim.phases are both set; give one phase's "
+            "groups, or a plan of phases each with its own groups"
         )
-    if not c.strategy:
+    if not c.strategy and not c.phases:
         parse_rules(c.groups)
     _check_range("lr", c.lr, lo=0, lo_open=True)
     _check_range("finetune_lr", c.finetune_lr, lo=0, lo_open=True)
@@ -107,8 +112,8 @@ def validate(c) -> None:
         raise ConfigError(f"config.optim.moment_dtype={c.moment_dtype!r} is not a float dtype")
     for pattern in c.no_decay:
         _compile(pattern, where="config.optim.no_decay")
-    if c.strategy == "two_phase":
-        _two_phase_lengths(c, steps_per_epoch=1)
+    # The plan's own checks (durations, phase dicts); rules need the model (check_groups).
+    plan_phases(c, train_config=None)
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -131,31 +136,146 @@ def _compile(pattern, *, where: str) -> re.Pattern:
         raise ConfigError(f"{where}: {pattern!r} is not a regex ({e})") from None
 
 
-def _two_phase_lengths(c, *, steps_per_epoch: int) -> tuple[int, int]:
-    lengths = []
-    for what in ("probe", "finetune"):
-        n = schedules.steps_of(c, what, steps_per_epoch=steps_per_epoch, where="config.optim")
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSpec:
+    """One phase as a strategy plans it, before the model or the data are known.
+
+    rules: a preset of strategy_groups ('linear_probe', 'last_k', 'full') or (regex, rule)
+    pairs; the duration is `steps`, else `epochs` (bound to steps once the data's size is).
+    """
+
+    name: str
+    rules: str | tuple
+    optimizer: str
+    lr: float
+    lr_decay: str = "none"
+    steps: int = 0
+    epochs: float = 0.0
+    where: str = "config.train"  # the keys that set the duration, for errors
+    kind: str = "train"
+
+    def bind(self, steps_per_epoch: int) -> int:
+        """The duration in steps (>= 1)."""
+        n = int(self.steps) or (max(1, round(self.epochs * steps_per_epoch)) if self.epochs else 0)
         if n < 1:
+            raise ConfigError(
+                f"{self.where}: phase {self.name} has no duration (steps={self.steps}, "
+                f"epochs={self.epochs}); train for at least one step"
+            )
+        return n
+
+
+def _one_phase(strategy: str):
+    def plan(c, train_config) -> list[PhaseSpec]:
+        steps, epochs = _run_length(train_config)
+        return [PhaseSpec(strategy, strategy, c.name, c.lr, c.lr_decay, steps, epochs)]
+
+    return plan
+
+
+def _run_length(train_config) -> tuple[int, float]:
+    # train.steps > 0 overrides train.epochs; train_config None: checks only (no durations).
+    if train_config is None:
+        return 1, 0.0
+    return (int(train_config.steps), 0.0) if train_config.steps else (0, train_config.epochs)
+
+
+def _two_phase(c, train_config) -> list[PhaseSpec]:
+    lengths = {}
+    for what in ("probe", "finetune"):
+        lengths[what] = (c[f"{what}_steps"], c[f"{what}_epochs"])
+        if schedules.steps_of(c, what, steps_per_epoch=1, where="config.optim") < 1:
             raise ConfigError(
                 f"config.optim.strategy='two_phase' needs {what}_epochs or {what}_steps > 0 "
                 "(seeds: probe_epochs=16, finetune_epochs=8)"
             )
-        lengths.append(n)
-    return lengths[0], lengths[1]
+    where = "config.optim.{}_steps / _epochs"
+    return [
+        PhaseSpec(
+            "linear_probe",
+            "linear_probe",
+            c.name,
+            c.lr,
+            "none",
+            *lengths["probe"],
+            where=where.format("probe"),
+        ),
+        PhaseSpec(
+            "finetune",
+            c.finetune,
+            c.finetune_optimizer or c.name,
+            c.finetune_lr,
+            c.lr_decay,
+            *lengths["finetune"],
+            where=where.format("finetune"),
+        ),
+    ]
+
+
+PHASE_KEYS = {"name": "", "groups": (), "steps": 0, "epochs": 0.0, "lr": 0.0, "optimizer": ""}
+
+
+def _by_hand(c, train_config) -> list[PhaseSpec]:
+    """strategy '': one phase of `groups` for the run's length, or the `phases` plan."""
+    if not c.phases:
+        steps, epochs = _run_length(train_config)
+        return [PhaseSpec("custom", tuple(c.groups), c.name, c.lr, "none", steps, epochs)]
+    specs = []
+    for i, phase in enumerate(c.phases):
+        where = f"config.optim.phases[{i}]"
+        if not isinstance(phase, Mapping) or set(phase) - set(PHASE_KEYS):
+            raise ConfigError(f"{where} = {phase!r}: give a dict with keys from {list(PHASE_KEYS)}")
+        p = {**PHASE_KEYS, **phase}
+        parse_rules(p["groups"], where=f"{where}.groups")
+        if p["optimizer"]:
+            _check_choice("name", p["optimizer"], OPTIMIZERS)
+        if p["steps"] and p["epochs"]:
+            raise ConfigError(f"{where}: both steps and epochs are set; give one")
+        name = p["name"] or f"phase{i}"
+        if name in [s.name for s in specs]:
+            raise ConfigError(f"{where}: phase name {name!r} is used twice")
+        lr = p["lr"] or c.lr
+        spec = PhaseSpec(
+            name,
+            tuple(p["groups"]),
+            p["optimizer"] or c.name,
+            lr,
+            "none",
+            int(p["steps"]),
+            float(p["epochs"]),
+            where=where,
+        )
+        spec.bind(1)  # a duration must be given
+        specs.append(spec)
+    return specs
+
+
+# A strategy is one entry: config.optim (and config.train, for one-phase runs' length) ->
+# the phases, in order. A run's length is the sum of its phases'.
+STRATEGY_PLANS: dict[str, Callable[..., list[PhaseSpec]]] = {
+    "": _by_hand,
+    "linear_probe": _one_phase("linear_probe"),
+    "last_k": _one_phase("last_k"),
+    "full": _one_phase("full"),
+    "two_phase": _two_phase,
+}
+STRATEGIES = tuple(k for k in STRATEGY_PLANS if k)
+
+
+def plan_phases(c, *, train_config) -> list[PhaseSpec]:
+    """The strategy's phases (rules still unresolved, durations unbound)."""
+    _check_choice("strategy", c.strategy, tuple(STRATEGY_PLANS))
+    return STRATEGY_PLANS[c.strategy](c, train_config)
 
 
 def total_steps(optim_config, *, steps_per_epoch: int, train_config) -> int:
-    """The run's length: two_phase's phase lengths, else train.steps or train.epochs."""
+    """The run's length: the sum of its phases' durations."""
     validate(optim_config)
-    if optim_config.strategy == "two_phase":
-        return sum(_two_phase_lengths(optim_config, steps_per_epoch=steps_per_epoch))
-    n = int(train_config.steps) or round(train_config.epochs * steps_per_epoch)
-    if n < 1:
-        raise ConfigError(
-            f"config.train: epochs={train_config.epochs}, steps={train_config.steps} make "
-            f"{n} steps at {steps_per_epoch} steps per epoch; train for at least one step"
-        )
-    return n
+    specs = plan_phases(optim_config, train_config=train_config)
+    return sum(spec.bind(steps_per_epoch) for spec in specs)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -306,6 +426,8 @@ def cover_regex(group: set[str], names: list[str], prefix: tuple = ()) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
+    """A PhaseSpec with its rules resolved for the model and its steps bound."""
+
     name: str
     start: int
     end: int
@@ -314,16 +436,14 @@ class _Plan:
     lr: float
 
 
-def make_phases(
-    optim_config, *, params, spec, steps_per_epoch: int, total_steps: int
-) -> list[Phase]:
-    """The run's phases (two for two_phase, else one); `params` may be ShapeDtypeStructs.
+def make_phases(optim_config, *, train_config, params, spec, steps_per_epoch: int) -> list[Phase]:
+    """The run's phases, back to back from step 0; `params` may be ShapeDtypeStructs.
 
     At a switch the trainer builds the next phase's state with `tx.init(params)`.
     """
-    validate(optim_config)
-    names = tree.names(params)
-    plans = _plans(optim_config, spec=spec, names=names, spe=steps_per_epoch, total=total_steps)
+    plans = _plans(
+        optim_config, train_config=train_config, spec=spec, params=params, spe=steps_per_epoch
+    )
     return [
         _build_phase(optim_config, plan, params=params, spe=steps_per_epoch, first=i == 0)
         for i, plan in enumerate(plans)
@@ -334,44 +454,29 @@ def check_groups(optim_config, *, params, spec) -> None:
     """make_phases' checks that need the model but not the data (its size sets the phase
     lengths): the trainer runs them before it loads the data, so that a bad strategy, k or
     rule fails in seconds, not after the images are decoded."""
-    validate(optim_config)
+    _plans(optim_config, train_config=None, spec=spec, params=params, spe=1)
+
+
+def _plans(c, *, train_config, spec, params, spe: int) -> list[_Plan]:
+    """Rules resolved once per phase (a preset becomes this model's groups), every phase's
+    owners checked, then the durations bound back to back."""
+    validate(c)
     names = tree.names(params)
-    for name, groups, _, _ in _phase_groups(optim_config, spec=spec, names=names):
-        _owners(optim_config, name, groups, names)
-
-
-def _phase_groups(c, *, spec, names) -> list[tuple[str, tuple, str, float]]:
-    """(name, groups, optimizer, peak lr) of each phase, in order."""
-    if not c.strategy:
-        return [("custom", tuple(c.groups), c.name, c.lr)]
-    if c.strategy != "two_phase":
-        groups = strategy_groups(c.strategy, c, spec=spec, names=names, lr_decay=c.lr_decay)
-        return [(c.strategy, groups, c.name, c.lr)]
-    probe_groups = strategy_groups("linear_probe", c, spec=spec, names=names, lr_decay="none")
-    ft_groups = strategy_groups(c.finetune, c, spec=spec, names=names, lr_decay=c.lr_decay)
-    return [
-        ("linear_probe", probe_groups, c.name, c.lr),
-        ("finetune", ft_groups, c.finetune_optimizer or c.name, c.finetune_lr),
-    ]
-
-
-def _plans(c, *, spec, names, spe: int, total: int) -> list[_Plan]:
-    phases = _phase_groups(c, spec=spec, names=names)
-    if c.strategy != "two_phase":
-        return [_Plan(name, 0, total, *rest) for name, *rest in phases]
-    probe, finetune = _two_phase_lengths(c, steps_per_epoch=spe)
-    if total != probe + finetune:
-        raise ConfigError(
-            f"two_phase: total_steps={total} but the phases take {probe} + {finetune} steps; "
-            "get the total from optim.total_steps"
-        )
-    (probe_name, *probe_rest), (ft_name, *ft_rest) = phases
-    return [_Plan(probe_name, 0, probe, *probe_rest), _Plan(ft_name, probe, total, *ft_rest)]
+    plans, start = [], 0
+    for phase in plan_phases(c, train_config=train_config):
+        groups = phase.rules
+        if isinstance(groups, str):
+            groups = strategy_groups(groups, c, spec=spec, names=names, lr_decay=phase.lr_decay)
+        _owners(c, phase.name, groups, names)
+        end = start + phase.bind(spe)
+        plans.append(_Plan(phase.name, start, end, tuple(groups), phase.optimizer, phase.lr))
+        start = end
+    return plans
 
 
 def _owners(c, name: str, groups, names) -> tuple[str, list[Rule], dict[str, Rule]]:
     """(where, rules, leaf name -> its rule) of one phase's groups; at least one trains."""
-    where = f"phase {name}: groups" if c.strategy else "config.optim.groups"
+    where = "config.optim.groups" if not (c.strategy or c.phases) else f"phase {name}: groups"
     rules = parse_rules(groups, where=where)
     owner = assign(rules, names, where=where)
     if all(r.frozen for r in owner.values()):

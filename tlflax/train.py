@@ -9,6 +9,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +31,12 @@ class NonFiniteLossError(UserError, FloatingPointError):
     pass
 
 
-def make_train_step(*, model, tx, train_transform, trainable, bn_train: bool):
-    """(state, batch) -> (state, metrics); pure, jit it with the state donated."""
+def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_train: bool):
+    """(state, batch) -> (state, metrics); pure, jit it with the state donated.
+
+    apply_fn: a flax module's `apply`; loss_fn(*, logits, targets, mask) -> scalar
+    (losses.softmax_xent); train_transform(rng, images, labels) -> (images, targets).
+    """
 
     def step_fn(st: state.TrainState, batch):
         rngs = state.step_rngs(st, ("augment", "dropout"))
@@ -42,11 +48,11 @@ def make_train_step(*, model, tx, train_transform, trainable, bn_train: bool):
                 variables["batch_stats"] = st.batch_stats
             kwargs = dict(train=True, bn_train=bn_train, rngs={"dropout": rngs["dropout"]})
             if bn_train and st.batch_stats:
-                logits, updated = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+                logits, updated = apply_fn(variables, images, mutable=["batch_stats"], **kwargs)
                 new_stats = updated["batch_stats"]
             else:
-                logits, new_stats = model.apply(variables, images, **kwargs), st.batch_stats
-            loss = losses.softmax_xent(logits=logits, targets=targets, mask=batch["mask"])
+                logits, new_stats = apply_fn(variables, images, **kwargs), st.batch_stats
+            loss = loss_fn(logits=logits, targets=targets, mask=batch["mask"])
             return loss, (logits, new_stats)
 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(st.params)
@@ -159,17 +165,15 @@ def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None)
     """Model, phases and mesh: everything but the data (eval / predict rebuild it from run.json)."""
     spec = build_model(config, num_classes=num_classes)
     mesh = sharding.make_mesh(data=config.train.mesh_data, model=config.train.mesh_model)
-    total = optim.total_steps(
-        config.optim, steps_per_epoch=steps_per_epoch, train_config=config.train
-    )
     params_shape = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))
     phases = optim.make_phases(
         config.optim,
+        train_config=config.train,
         params=params_shape["params"],
         spec=spec,
         steps_per_epoch=steps_per_epoch,
-        total_steps=total,
     )
+    total = phases[-1].end_step
     global_batch = config.data.batch_size
     eval_batch = config.data.eval_batch_size or global_batch
     return Run(
@@ -279,9 +283,11 @@ def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer
 
 
 def switch_phase(st: state.TrainState, phase, run: Run):
-    """Fresh optimizer state for the new phase: newly unfrozen leaves start from zero moments."""
+    """(state, shardings) for the new phase: a fresh optimizer state, so that newly unfrozen
+    leaves start from zero moments."""
     st = st.replace(opt_state=phase.tx.init(st.params))
-    return sharding.put_global(st, shardings_for(st, run))
+    shardings = shardings_for(st, run)
+    return sharding.put_global(st, shardings), shardings
 
 
 # ----------------------------------------------------------------------------- loop
@@ -296,7 +302,8 @@ def _jit_train_step(config, run: Run, phase, shardings):
         preprocessing=run.prep,
     )
     step_fn = make_train_step(
-        model=model,
+        apply_fn=model.apply,
+        loss_fn=losses.softmax_xent,
         tx=phase.tx,
         train_transform=train_transform,
         trainable=phase.trainable,
@@ -399,40 +406,83 @@ def save_run_record(config, run: Run, workdir: epath.Path) -> None:
     (workdir / "optimizer_groups.txt").write_text(tables + "\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class PhaseResult:
+    name: str
+    start_step: int
+    end_step: int
+    val: evaluate.EvalResult | None  # its end-of-phase evaluation; None: run by an earlier process
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: state.TrainState  # at the end of the run
+    phases: list[PhaseResult]  # the phases this process ran (or finished), in order
+
+
+class Due(NamedTuple):
+    log: bool
+    eval: bool
+    save: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+    """When the periodic actions fall: every N steps, and at the end of each phase. A save
+    is always preceded by a log flush, so that no step with a non-finite loss or gradient
+    norm is ever checkpointed (retention could otherwise delete the last good one)."""
+
+    log_every: int
+    eval_every: int
+    save_every: int
+    steps_per_epoch: int
+
+    @classmethod
+    def from_config(cls, train_config, *, steps_per_epoch: int) -> Periodic:
+        return cls(
+            log_every=max(1, train_config.log_every),
+            eval_every=train_config.eval_every or steps_per_epoch,
+            save_every=train_config.checkpoint_every or steps_per_epoch,
+            steps_per_epoch=steps_per_epoch,
+        )
+
+    def due(self, step: int, *, phase_end: bool) -> Due:
+        save = step % self.save_every == 0 or phase_end
+        log_now = step % self.log_every == 0 or step % self.steps_per_epoch == 0 or save
+        return Due(log_now, step % self.eval_every == 0 or phase_end, save)
+
+
+@dataclasses.dataclass
+class Loop:
+    """What every phase of one training process shares."""
+
+    config: object
+    run: Run
+    ckpt: checkpointing.Checkpointer
+    writer: metrics_io.MetricWriter
+    progress: metrics_io.Progress
+    eval_fn: Callable
+    every: Periodic
+    batches: Iterator  # one prefetching iterator for the run: no refill stall between epochs
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Train per config, evaluating each epoch; returns the summary (also in summary.json)."""
     workdir = fs.check_writable(fs.path(workdir, what="workdir"), what="workdir")
     t_start = time.time()
-    sharding.maybe_initialize_distributed(
-        enabled=config.train.distributed,
-        coordinator_address=config.train.coordinator_address or None,
-        num_processes=config.train.num_processes or None,
-        process_id=None if config.train.process_id < 0 else config.train.process_id,
-    )
-    if jax.process_index() != 0:  # one log for a multi-host run: process 0's
-        logging.getLogger("tlflax").setLevel(logging.WARNING)
+    _start_distributed(config.train)
     run = setup(config, workdir)
     save_run_record(config, run, workdir)
     for phase in run.phases:
         log.info(
             "phase %s, steps %d..%d\n%s", phase.name, phase.start_step, phase.end_step, phase.table
         )
-    writer = metrics_io.MetricWriter(workdir, is_primary=jax.process_index() == 0)
     ckpt = open_checkpointer(config, workdir)
     st, shardings = init_or_restore(config, run, ckpt)
     log_layout(run, st.params, shardings.params)
-    eval_fn = make_eval_fn(run)
-    step = int(jax.device_get(st.step))
-    progress = metrics_io.Progress(
-        run.total_steps,
-        start_step=step,
-        steps_per_epoch=run.steps_per_epoch,
-        enabled=jax.process_index() == 0,
-    )
+    loop = _open_loop(config, run, ckpt, workdir, start_step=int(jax.device_get(st.step)))
     try:
-        phase_results = _train_loop(
-            config, run, st, shardings, ckpt, writer, eval_fn, step, progress
-        )
+        result = train_phases(loop, st, shardings)
     except BaseException:
         # A save already under way holds a good state: let it complete before stopping.
         try:
@@ -441,76 +491,108 @@ def train_and_evaluate(config, workdir) -> dict:
             log.exception("waiting for the last checkpoint save failed")
         raise
     finally:
-        progress.close()
-    st = phase_results.pop("_state")
+        loop.progress.close()
     ckpt.wait()
-    final = phase_results.get(run.phases[-1].name) or run_eval(eval_fn, st, run)
-    test = final_test(config, run, workdir, ckpt, eval_fn)
-    summary = _finish(
-        config, run, workdir, final, phase_results, ckpt, writer, time.time() - t_start, test
-    )
-    writer.close()
+    last = result.phases[-1].val if result.phases else None
+    final = last or run_eval(loop.eval_fn, result.state, run)
+    test = final_test(config, run, workdir, ckpt, loop.eval_fn)
+    summary = _finish(config, run, workdir, final, result, ckpt, time.time() - t_start, test)
+    loop.writer.close()
     ckpt.close()
     return summary
 
 
-def _train_loop(config, run: Run, st, shardings, ckpt, writer, eval_fn, step: int, progress):
-    total, spe = run.total_steps, run.steps_per_epoch
-    phase_idx = phase_at(run.phases, step)
-    train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
-    eval_every = config.train.eval_every or spe
-    ckpt_every = config.train.checkpoint_every or spe
-    log_every = max(1, config.train.log_every)
-    results: dict = {}
-    pending, t0, first = [], time.time(), step
-    # One prefetching iterator for the whole run: no refill stall at epoch boundaries.
-    batches = data.prefetch_to_device(
-        train_batches(run, start_step=step), 2, sharding.batch_sharding(run.mesh)
+def _start_distributed(train_config) -> None:
+    sharding.maybe_initialize_distributed(
+        enabled=train_config.distributed,
+        coordinator_address=train_config.coordinator_address or None,
+        num_processes=train_config.num_processes or None,
+        process_id=None if train_config.process_id < 0 else train_config.process_id,
     )
-    for batch in batches if step < total else ():
-        st, metrics = train_step(st, batch)
+    if jax.process_index() != 0:  # one log for a multi-host run: process 0's
+        logging.getLogger("tlflax").setLevel(logging.WARNING)
+
+
+def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
+    primary = jax.process_index() == 0
+    batches = data.prefetch_to_device(
+        train_batches(run, start_step=start_step), 2, sharding.batch_sharding(run.mesh)
+    )
+    return Loop(
+        config=config,
+        run=run,
+        ckpt=ckpt,
+        writer=metrics_io.MetricWriter(workdir, is_primary=primary),
+        progress=metrics_io.Progress(
+            run.total_steps,
+            start_step=start_step,
+            steps_per_epoch=run.steps_per_epoch,
+            enabled=primary,
+        ),
+        eval_fn=make_eval_fn(run),
+        every=Periodic.from_config(config.train, steps_per_epoch=run.steps_per_epoch),
+        batches=batches,
+    )
+
+
+def train_phases(loop: Loop, st, shardings) -> TrainResult:
+    """for phase in plan: run it. A checkpoint at a phase's end holds the state of the phase
+    that starts there, so that a resume rebuilds that phase's transform."""
+    phases = loop.run.phases
+    step = int(jax.device_get(st.step))
+    results = []
+    for i in range(phase_at(phases, step), len(phases)):
+        phase, ran = phases[i], step < phases[i].end_step
+        st, val = run_phase(loop, phase, st, shardings, start_step=step)
+        step = phase.end_step
+        if i + 1 < len(phases):
+            st, shardings = switch_phase(st, phases[i + 1], loop.run)
+            log.info("step %d: phase %s starts", step, phases[i + 1].name)
+        if ran:
+            _save(loop, step, st, val)
+        results.append(PhaseResult(phase.name, phase.start_step, phase.end_step, val))
+    return TrainResult(st, results)
+
+
+def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
+    """Steps start_step..phase.end_step with their periodic actions, but the last save
+    (train_phases makes it, after the hand-over); (state, the phase-end evaluation)."""
+    train_step = _jit_train_step(loop.config, loop.run, phase, shardings)
+    pending, t0, first, val = [], time.time(), start_step, None
+    for step in range(start_step + 1, phase.end_step + 1):
+        st, metrics = train_step(st, next(loop.batches))
         pending.append(metrics)
-        step += 1
-        phase_end = step == run.phases[phase_idx].end_step
-        save_now = step % ckpt_every == 0 or step == total or phase_end
-        # A save is preceded by a flush, so that no step with a non-finite loss or gradient
-        # norm is ever checkpointed (retention could otherwise delete the last good one).
-        if step % log_every == 0 or step % spe == 0 or save_now:
+        due = loop.every.due(step, phase_end=step == phase.end_step)
+        if due.log:
             scalars = _flush_train_metrics(
                 pending,
                 first_step=first,
-                writer=writer,
-                phase=run.phases[phase_idx],
+                writer=loop.writer,
+                phase=phase,
                 t0=t0,
-                n_images=len(pending) * run.global_batch,
+                n_images=len(pending) * loop.run.global_batch,
             )
-            progress.interval(step, phase=run.phases[phase_idx].name, scalars=scalars)
+            loop.progress.interval(step, phase=phase.name, scalars=scalars)
             pending, first = [], step
-        val = None
-        if step % eval_every == 0 or step == total or phase_end:
-            val = run_eval(eval_fn, st, run)
-            writer.write_scalars(step, _val_scalars(val, epoch=step / spe))
-            progress.evaluated(step, phase=run.phases[phase_idx].name, top1=val.top1, loss=val.loss)
-        if phase_end:
-            results[run.phases[phase_idx].name] = val
-            if phase_idx + 1 < len(run.phases):
-                # Switch before saving, so a checkpoint at step N holds the state
-                # of the phase that step N starts (and resume rebuilds the same tx).
-                phase_idx += 1
-                st = switch_phase(st, run.phases[phase_idx], run)
-                shardings = shardings_for(st, run)
-                train_step = _jit_train_step(config, run, run.phases[phase_idx], shardings)
-                log.info("step %d: phase %s starts", step, run.phases[phase_idx].name)
-        if save_now:
-            check_finite_state(st, step)
-            writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
-            ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
+        val = _evaluate(loop, st, step, phase) if due.eval else None
+        if due.save and step < phase.end_step:
+            _save(loop, step, st, val)
         if not pending:  # the interval after a flush times training only, not eval / saves
             t0 = time.time()
-        if step >= total:
-            break
-    results["_state"] = st
-    return results
+    return st, val
+
+
+def _evaluate(loop: Loop, st, step: int, phase):
+    val = run_eval(loop.eval_fn, st, loop.run)
+    loop.writer.write_scalars(step, _val_scalars(val, epoch=step / loop.run.steps_per_epoch))
+    loop.progress.evaluated(step, phase=phase.name, top1=val.top1, loss=val.loss)
+    return val
+
+
+def _save(loop: Loop, step: int, st, val) -> None:
+    check_finite_state(st, step)
+    loop.writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
+    loop.ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
 
 
 @jax.jit
@@ -598,9 +680,10 @@ def split_dir_name(report: dict, default: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or default
 
 
-def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test=None) -> dict:
-    phase_results[run.phases[-1].name] = final
-    rows = _phase_rows(run, phase_results)
+def _finish(config, run, workdir, final, result: TrainResult, ckpt, wall, test=None) -> dict:
+    vals = {p.name: p.val for p in result.phases}
+    vals[run.phases[-1].name] = final
+    rows = _phase_rows(run, vals)
     history = metrics_io.read_history(workdir)
     if jax.process_index() == 0:
         evaluate.write_reports(
@@ -640,13 +723,17 @@ def _finish(config, run, workdir, final, phase_results, ckpt, writer, wall, test
 TABLE_COLUMNS = ("strategy", "accuracy", "top-5", "errors")
 
 
-def _phase_rows(run: Run, phase_results: dict) -> list[dict]:
-    """One row per phase: its last evaluation (the phase's end step)."""
-    ends = {p.name: p.end_step for p in run.phases}
+def _phase_rows(run: Run, vals: dict) -> list[dict]:
+    """One row per phase that this process evaluated: its end-of-phase evaluation."""
     return [
-        {"strategy": name, "step": ends[name], **_table_cells(result), **_val_scalars(result)}
-        for name, result in phase_results.items()
-        if result is not None
+        {
+            "strategy": p.name,
+            "step": p.end_step,
+            **_table_cells(vals[p.name]),
+            **_val_scalars(vals[p.name]),
+        }
+        for p in run.phases
+        if vals.get(p.name) is not None
     ]
 
 
