@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from tlflax import config_lib, data, sharding, state, train  # noqa: E402
+from tlflax import config_lib, data, experiment, sharding, state, train  # noqa: E402
 
 KINDS = ("full", "last_k", "linear_probe", "eval")
 # tlflax name -> (timm name, parameter-name prefixes of the last stage below the head); the
@@ -126,23 +126,23 @@ def make_config(name: str, *, px: int, batch: int, kind: str, num_classes: int):
     return config_lib.lock(config)
 
 
-def make_run(config, *, devices) -> train.Run:
-    """train.plan(...) on a one-device mesh over `devices` (the benchmark's one GPU or CPU)."""
-    spec = train.build_model(config, num_classes=config.model.num_classes)
-    prep = train.resolve_preprocessing(config, spec)
-    run = train.plan(
+def make_run(config, *, devices) -> experiment.Run:
+    """experiment.plan(...) on a one-device mesh over `devices` (the benchmark's one GPU or CPU)."""
+    spec = experiment.build_model(config, num_classes=config.model.num_classes)
+    prep = experiment.resolve_preprocessing(config, spec)
+    run = experiment.plan(
         config, num_classes=config.model.num_classes, steps_per_epoch=STEPS_PER_EPOCH, prep=prep
     )
     return dataclasses.replace(run, mesh=sharding.make_mesh(devices=devices[:1]))
 
 
-def batch_shapes(run: train.Run, batch: int) -> dict:
+def batch_shapes(run: experiment.Run, batch: int) -> dict:
     s = run.prep.resize  # stored side; the step crops run.prep.resolution out of it
     return {"image": ((batch, s, s, 3), np.uint8), "label": ((batch,), np.int32),
             "mask": ((batch,), np.bool_)}  # fmt: skip
 
 
-def host_batch(run: train.Run, n: int, *, seed: int = 0) -> dict:
+def host_batch(run: experiment.Run, n: int, *, seed: int = 0) -> dict:
     """n random examples, as the host holds a cached split (uint8 at the stored size)."""
     rng = np.random.default_rng(seed)
     image_shape = batch_shapes(run, n)["image"][0]
@@ -153,7 +153,7 @@ def host_batch(run: train.Run, n: int, *, seed: int = 0) -> dict:
     }
 
 
-def step_and_args(config, run: train.Run, kind: str, host_variables, batch):
+def step_and_args(config, run: experiment.Run, kind: str, host_variables, batch):
     """(jitted fn, (first arg, batch)): the trainer's own jitted step for this kind."""
     batch_sh = sharding.batch_sharding(run.mesh)
     device_batch = sharding.host_to_global(batch, batch_sh)
@@ -161,7 +161,7 @@ def step_and_args(config, run: train.Run, kind: str, host_variables, batch):
         variables = jax.device_put(host_variables, sharding.replicated(run.mesh))
         return train.make_eval_fn(run), (variables, device_batch)
     phase = run.phases[0]
-    _, shardings = train.abstract_state(run, phase)
+    _, shardings = experiment.abstract_state(run, phase)
     st = jax.device_put(state.create(variables=host_variables, tx=phase.tx, seed=0), shardings)
     return train._jit_train_step(config, run, phase, shardings), (st, device_batch)
 
@@ -176,7 +176,7 @@ class FlopCounter:
         self.points = points
         self.cache: dict[tuple, float] = {}  # (model, px, kind, batch) -> FLOPs
 
-    def per_step(self, config, run: train.Run, kind: str, batch: int) -> float:
+    def per_step(self, config, run: experiment.Run, kind: str, batch: int) -> float:
         if not self.points:
             return self.at(config, run, kind, batch)
         values = [self.at(config, run, kind, b) for b in self.points]
@@ -185,14 +185,14 @@ class FlopCounter:
         (b1, b2), (f1, f2) = self.points, values
         return f1 + (f2 - f1) * (batch - b1) / (b2 - b1)
 
-    def at(self, config, run: train.Run, kind: str, batch: int) -> float:
+    def at(self, config, run: experiment.Run, kind: str, batch: int) -> float:
         key = (config.model.name, run.prep.resolution, kind, batch)
         if key not in self.cache:
             self.cache[key] = cpu_flops(config, run, kind, batch)
         return self.cache[key]
 
 
-def cpu_flops(config, run: train.Run, kind: str, batch: int) -> float:
+def cpu_flops(config, run: experiment.Run, kind: str, batch: int) -> float:
     """The same jitted step, lowered with CPU abstract inputs and compiled for the CPU."""
     try:
         cpu_devices = jax.devices("cpu")[:1]
@@ -207,7 +207,7 @@ def cpu_flops(config, run: train.Run, kind: str, batch: int) -> float:
         for k, (shape, dtype) in batch_shapes(cpu_run, batch).items()
     }
     phase = cpu_run.phases[0]
-    abstract, shardings = train.abstract_state(cpu_run, phase)
+    abstract, shardings = experiment.abstract_state(cpu_run, phase)
     if kind == "eval":
         fn, first = train.make_eval_fn(cpu_run), state.variables_of(abstract)
     else:
@@ -250,7 +250,7 @@ def time_steps(compiled, first, batches, *, kind: str, warmup: int, steps: int):
     return time.perf_counter() - start, first
 
 
-def cached_split(run: train.Run, n: int) -> data.ArraySplit:
+def cached_split(run: experiment.Run, n: int) -> data.ArraySplit:
     """What a cached dataset is on the host: uint8 arrays at the stored size."""
     cached = host_batch(run, n, seed=1)
     return data.ArraySplit(
@@ -258,7 +258,7 @@ def cached_split(run: train.Run, n: int) -> data.ArraySplit:
     )
 
 
-def input_path_batches(run: train.Run, kind: str, split: data.ArraySplit, *, batch: int):
+def input_path_batches(run: experiment.Run, kind: str, split: data.ArraySplit, *, batch: int):
     """tlflax's own feeding of a cached split: ArraySplit -> (prefetch) -> global arrays."""
     batch_sh = sharding.batch_sharding(run.mesh)
     if kind == "eval":  # run_eval's loop: no prefetch
@@ -378,7 +378,7 @@ def torch_model(name: str, *, px: int, num_classes: int, device):
     import torch
 
     config = make_config(name, px=px, batch=1, kind="full", num_classes=num_classes)
-    arch = train.build_model(config, num_classes=num_classes).arch
+    arch = experiment.build_model(config, num_classes=num_classes).arch
     # The same stochastic depth as the tlflax model (Lite0: drop_connect_rate 0.2).
     rate = arch.get("drop_path_rate", arch.get("drop_connect_rate", 0.0))
     timm_name, _ = TORCH_MODELS[name]
@@ -468,7 +468,7 @@ def measure_torch(args, name: str, px: int, batch: int, kind: str, device) -> di
     torch._dynamo.reset()  # a fresh graph per row (requires_grad changes the guards) ...
     gc.collect()  # ... and the previous row's model gone before this row's peak is read
     config = make_config(name, px=px, batch=batch, kind=kind, num_classes=args.num_classes)
-    prep = train.resolve_preprocessing(config, train.build_model(config, num_classes=1))
+    prep = experiment.resolve_preprocessing(config, experiment.build_model(config, num_classes=1))
     model = torch_model(name, px=px, num_classes=args.num_classes, device=device)
     params = torch_trainable(model, name, kind)
     torch_train_mode(model, train_mode=kind != "eval")

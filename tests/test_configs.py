@@ -9,7 +9,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tlflax import config_lib, train
+from tlflax import config_lib, experiment
 from tlflax.data import build_datasets
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
@@ -38,11 +38,11 @@ def test_config_loads_locked_and_plans(path, runlocal):
     text = path.read_text()
     assert text.startswith('"""') and "tlflax train --config configs/" in text.split('"""')[1]
     assert "import jax" not in text  # configs import ml_collections and config_lib only
-    spec = train.build_model(config, num_classes=10)
+    spec = experiment.build_model(config, num_classes=10)
     prep = spec.preprocessing
     if config.data.image_size:
         prep = prep.at_resolution(config.data.image_size)
-    run = train.plan(config, num_classes=10, steps_per_epoch=7, prep=prep)
+    run = experiment.plan(config, num_classes=10, steps_per_epoch=7, prep=prep)
     assert run.total_steps >= 1 and run.phases[-1].end_step == run.total_steps
 
 

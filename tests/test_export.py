@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tlflax import cli, export, fs, main, metrics_io, optim, state, tree
+from tlflax import experiment, export, fs, main, metrics_io, optim, state, tree
 from tlflax.data import augment, load_image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def _checkpoint_arrays(workdir, step: int) -> dict[str, np.ndarray]:
 
 
 def _restored(workdir):
-    config, run, classes = cli.load_run(fs.path(workdir))
-    st, step = cli.restore_best(config, run, fs.path(workdir))
+    config, run = experiment.from_workdir(fs.path(workdir))
+    st, step = experiment.restore_chosen(config, run, fs.path(workdir))
     return run, st, step
 
 

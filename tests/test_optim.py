@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax import config_lib, optim, schedules, sharding, state, train, tree
+from tlflax import config_lib, experiment, optim, schedules, sharding, state, train, tree
 
 # A small params tree with the leaf kinds the rules care about: kernels, biases, norm scales,
 # a ViT-style position embedding, and a head.
@@ -386,7 +386,7 @@ def test_groups_survive_the_saved_config_json():
 
 
 def bn_mode_run(bn_mode: str):
-    """resnet_tiny fully fine-tuned at 16 px, as train.plan builds it, on a one-device mesh."""
+    """resnet_tiny fully fine-tuned at 16 px, as experiment.plan builds it, on a one-device mesh."""
     config = config_lib.get_base_config()
     config.model.name = "resnet_tiny"
     config.model.num_classes = 3
@@ -396,9 +396,9 @@ def bn_mode_run(bn_mode: str):
     config.train.steps = 10
     config.train.bn_mode = bn_mode
     config = config_lib.lock(config)
-    spec = train.build_model(config, num_classes=3)
-    prep = train.resolve_preprocessing(config, spec)
-    run = train.plan(config, num_classes=3, steps_per_epoch=10, prep=prep)
+    spec = experiment.build_model(config, num_classes=3)
+    prep = experiment.resolve_preprocessing(config, spec)
+    run = experiment.plan(config, num_classes=3, steps_per_epoch=10, prep=prep)
     return config, dataclasses.replace(run, mesh=sharding.make_mesh(devices=jax.devices()[:1]))
 
 
@@ -426,7 +426,7 @@ def test_bn_mode_through_the_trainer_step(bn_mode):
     config, run = bn_mode_run(bn_mode)
     (phase,) = run.phases
     assert all(tree.flatten(phase.trainable).values())
-    _, shardings = train.abstract_state(run, phase)
+    _, shardings = experiment.abstract_state(run, phase)
     variables = random_variables(run)
     before = {n: np.copy(a) for n, a in tree.flatten(variables).items()}
     create = lambda v: state.create(variables=v, tx=phase.tx, seed=0)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlflax import config_lib, main, train
+from tlflax import config_lib, experiment, main, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "tiny_config.py")
@@ -151,6 +151,30 @@ def test_eval_and_predict_restore_the_best(finished_run, tmp_path, capsys):
     assert lines[1].startswith(f"{good}: ") and lines[1].count("%") == 3
 
 
+def test_eval_and_predict_of_a_run_whose_weights_source_is_gone(
+    finished_run, tmp_path, monkeypatch
+):
+    """A finished run is evaluated from its workdir alone: the weights source it started
+    from (a wheel, a hub cache, a file) is never looked up again."""
+    from tlflax import weights as weights_lib
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["weights"]["source"] = str(tmp_path / "gone" / "resnet_tiny.pth")  # deleted since
+    (workdir / "config.json").write_text(json.dumps(saved))
+
+    def gone(*args, **kwargs):
+        raise AssertionError("the weights source was looked up")
+
+    for name in ("peek_preprocessing", "load_pretrained"):
+        monkeypatch.setattr(weights_lib, name, gone)
+    assert main.main(["tlflax", "eval", "--workdir", str(workdir)]) == 0
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(image)
+    assert main.main(["tlflax", "predict", "--workdir", str(workdir), str(image)]) == 0
+
+
 def _colour_folder(root: pathlib.Path) -> dict[str, int]:
     """train/ and test/ folders of three noisy solid colours (easy, but not at once)."""
     rng = np.random.default_rng(0)
@@ -250,16 +274,15 @@ def test_a_tie_in_validation_top1_gives_one_best_step_everywhere(tmp_path):
     for step, top1 in ((2, 0.5), (4, 0.75), (6, 0.75), (8, 0.6)):
         ckpt.save(step, {"x": np.zeros(3, np.float32) + step}, metrics={"val/top1": top1})
         history += [{"step": step, "train/loss": 1.0}, {"step": step, "val/top1": top1}]
-    assert train.chosen_step(ckpt) == 6
-    assert train._metrics_at(history, train.chosen_step(ckpt)) == {"step": 6, "val/top1": 0.75}
+    assert experiment.chosen_step(ckpt) == 6
+    assert train._metrics_at(history, experiment.chosen_step(ckpt)) == {"step": 6, "val/top1": 0.75}
     ckpt.close()
-    from tlflax import cli
 
     ckpt = checkpointing.Checkpointer(
         tmp_path / "ckpt", keep_last=1, keep_best=3, best_metric="val/top1", best_mode="max",
         async_save=False,
     )  # fmt: skip
-    assert cli.best_step(ckpt, tmp_path) == 6  # what eval / predict restore, after a restart
+    assert experiment.need_chosen_step(ckpt, tmp_path) == 6  # eval / predict, after a restart
     ckpt.close()
 
 
@@ -429,7 +452,7 @@ def test_num_classes_that_disagrees_with_the_data(tmp_path):
     config.model.name = "resnet_tiny"
     config.model.num_classes = 7
     with pytest.raises(ValueError, match=r"num_classes=7 but the data has 10 classes"):
-        train.setup(config, tmp_path)
+        experiment.from_config(config, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -445,7 +468,7 @@ def test_bad_config_fails_before_the_data_is_read(tmp_path, values, message):
     config.data.update({"source": "folder", "path": str(tmp_path / "no_such_folder")})
     config.update_from_flattened_dict(values)
     with pytest.raises(ValueError, match=message):  # not the DataError about the folder
-        train.setup(config, tmp_path)
+        experiment.from_config(config, tmp_path)
     assert not (tmp_path / "data_manifest.json").exists()
 
 

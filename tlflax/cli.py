@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 
 import jax
@@ -13,6 +11,7 @@ from tlflax import (
     data,
     errors,
     evaluate,
+    experiment,
     fs,
     model_summary,
     optim,
@@ -21,7 +20,6 @@ from tlflax import (
     train,
     tree,
 )
-from tlflax import preprocessing as pp
 
 
 def _need(value, flag: str, command: str):
@@ -39,36 +37,6 @@ def cmd_train(flags, config, positional) -> int:
     return 0
 
 
-def load_run(workdir):
-    """Config, preprocessing, classes and plan of a finished (or running) workdir."""
-    if not (workdir / "config.json").is_file():
-        raise errors.UserError(f"{workdir} holds no config.json: is it a tlflax train workdir?")
-    config = config_lib.from_json((workdir / "config.json").read_text())
-    prep = pp.Preprocessing.from_json((workdir / "preprocessing.json").read_text())
-    classes = json.loads((workdir / "classes.json").read_text())
-    info = json.loads((workdir / "run.json").read_text())
-    run = train.plan(
-        config, num_classes=len(classes), steps_per_epoch=info["steps_per_epoch"], prep=prep
-    )
-    return config, run, classes
-
-
-def restore_best(config, run, workdir):
-    """The best checkpoint by validation top-1 (the latest when none has metrics)."""
-    ckpt = train.open_checkpointer(config, workdir)
-    step = best_step(ckpt, workdir)
-    st = train.restore(run, ckpt, step)
-    ckpt.close()
-    return st, step
-
-
-def best_step(ckpt, workdir) -> int:
-    step = train.chosen_step(ckpt)
-    if step is None:
-        raise errors.UserError(f"{workdir}/checkpoints holds no complete checkpoint")
-    return step
-
-
 def with_eval_split(config, split: str):
     """The run's config, evaluating on `split`: a TFDS split string, or a sub-folder of the
     image root next to train/ (a run that carved its validation split out of train/ can
@@ -83,25 +51,19 @@ def with_eval_split(config, split: str):
 
 def cmd_eval(flags, config_unused, positional) -> int:
     workdir = fs.path(_need(flags.workdir, "workdir", "eval"), what="--workdir")
-    config, saved_run, classes = load_run(workdir)
+    config = experiment.load_config(workdir)
     if flags.split:
         config = with_eval_split(config, flags.split)
     split = data.eval_split_name(config.data)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", split).strip("_") or "split"  # 'train[90%:]'
-    ckpt = train.open_checkpointer(config, workdir)
-    step = best_step(ckpt, workdir)
-    out = workdir / f"eval_{name}_step{step}"
-    # The data report of this evaluation goes with its results; the run's own stays.
-    data_run = train.setup(config, workdir, manifest_dir=out)
-    if data_run.datasets.class_names != classes:
-        raise errors.UserError(
-            f"the data's classes {data_run.datasets.class_names[:10]} are not the "
-            f"run's {classes[:10]} (classes.json)"
-        )
-    # The run's own plan (run.json) places `step` in its phase, whatever this data's size.
-    run = dataclasses.replace(saved_run, datasets=data_run.datasets)
-    st = train.restore(run, ckpt, step)
+    ckpt = experiment.open_checkpointer(config, workdir)
+    step = experiment.need_chosen_step(ckpt, workdir)
     ckpt.close()
+    out = workdir / f"eval_{name}_step{step}"
+    # The data report of this evaluation goes with its results; the run's own stays. The
+    # data is read with the saved preprocessing: the weights source is never looked up.
+    config, run = experiment.from_workdir(workdir, config=config, manifest_dir=out, with_data=True)
+    st, step = experiment.restore_chosen(config, run, workdir)
     result = train.run_eval(train.make_eval_fn(run, tta=_tta(flags)), st, run)
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
@@ -122,8 +84,8 @@ def cmd_predict(flags, config_unused, positional) -> int:
     if not positional:
         raise errors.UserError("give one or more image files, folders or globs")
     paths = predict.expand_inputs(positional)
-    config, run, classes = load_run(workdir)
-    st, step = restore_best(config, run, workdir)
+    config, run = experiment.from_workdir(workdir)
+    st, step = experiment.restore_chosen(config, run, workdir)
     probs, good, bad = predict.predict_files(
         paths,
         probs_fn=predict.make_probs_fn(run, tta=_tta(flags)),
@@ -133,7 +95,7 @@ def cmd_predict(flags, config_unused, positional) -> int:
         workers=1 if len(paths) < 64 else config.data.workers,  # few files: no worker start
         batch_size=flags.batch_size,
     )
-    rows = predict.rows_of(paths, probs, good, bad, classes=classes, top_k=flags.top_k)
+    rows = predict.rows_of(paths, probs, good, bad, classes=run.class_names, top_k=flags.top_k)
     for row in rows:
         print(predict.console_line(row))
     if flags.out:
@@ -149,7 +111,7 @@ def _tta(flags) -> str:
 
 
 def cmd_export(flags, config_unused, positional) -> int:
-    from tlflax import export  # export reuses load_run / restore_best from here
+    from tlflax import export
 
     if positional:
         raise errors.UserError(f"unexpected arguments {positional}")
@@ -185,7 +147,7 @@ def cmd_inspect(flags, config, positional) -> int:
     if positional:
         config.model.name = positional[0]
     num_classes = config.model.num_classes or flags.num_classes
-    spec = train.build_model(config, num_classes=num_classes)
+    spec = experiment.build_model(config, num_classes=num_classes)
     variables = jax.eval_shape(lambda: spec.init(jax.random.key(0)))
     if flags.weights:
         from tlflax import weights as weights_lib

@@ -31,7 +31,7 @@ import numpy as np
 import safetensors.numpy
 
 import tlflax
-from tlflax import cli, fs, metrics_io, optim, state, tree
+from tlflax import experiment, fs, metrics_io, optim, state, tree
 from tlflax.data import augment
 from tlflax.errors import UserError
 
@@ -62,9 +62,10 @@ def export_run(
     """
     workdir = fs.path(workdir, what="--workdir")
     wanted = parse_formats(formats)
-    config, run, classes = cli.load_run(workdir)
+    config, run = experiment.from_workdir(workdir)
+    classes = run.class_names
     check_ema(config, ema=ema, workdir=workdir)  # before the restore: a second, not a minute
-    st, step = cli.restore_best(config, run, workdir)
+    st, step = experiment.restore_chosen(config, run, workdir)
     variables = inference_variables(st, ema=ema, workdir=workdir)
     default = workdir / ("export_ema" if ema else "export")
     out = fs.path(out_dir, what="--export_dir") if out_dir else default

@@ -1,9 +1,9 @@
-"""The trainer: `train_and_evaluate(config, workdir)` and the pure step factories."""
+"""The trainer: `train_and_evaluate(config, workdir)`, the per-phase loop and the pure step
+factories; the run it trains is built by tlflax/experiment.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -18,11 +18,20 @@ import numpy as np
 import optax
 from etils import epath
 
-from tlflax import checkpointing, data, evaluate, fs, losses, metrics_io, optim, sharding, state
-from tlflax import preprocessing as pp
-from tlflax import weights as weights_lib
-from tlflax.errors import ConfigError, UserError
-from tlflax.models import create_model
+from tlflax import (
+    checkpointing,
+    data,
+    evaluate,
+    experiment,
+    fs,
+    losses,
+    metrics_io,
+    optim,
+    sharding,
+    state,
+)
+from tlflax.errors import UserError
+from tlflax.experiment import Run
 
 log = logging.getLogger("tlflax")
 
@@ -71,223 +80,6 @@ def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_tra
         return new_state, metrics
 
     return step_fn
-
-
-# ----------------------------------------------------------------------------- setup
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything built once from the config (no arrays)."""
-
-    spec: object
-    prep: pp.Preprocessing
-    datasets: object
-    phases: list
-    mesh: object
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int
-    eval_batch: int
-    shard_min_size: int  # smaller leaves stay replicated over the 'model' axis
-
-
-def resolve_preprocessing(config, spec) -> pp.Preprocessing:
-    if config.weights.preprocessing:
-        prep = pp.named(config.weights.preprocessing, resolution=spec.preprocessing.resolution)
-    elif config.weights.source:
-        prep = weights_lib.peek_preprocessing(
-            config.weights.source, spec=spec, cache_dir=config.weights.cache_dir or None
-        )
-    else:
-        prep = spec.preprocessing
-    if config.data.image_size:
-        prep = prep.at_resolution(config.data.image_size)
-    return prep
-
-
-def build_model(config, *, num_classes: int):
-    overrides = dict(config.model.overrides)
-    return create_model(
-        config.model.name,
-        num_classes=num_classes,
-        head_hidden=config.model.head_hidden,
-        head_dropout=config.model.head_dropout,
-        dtype=jnp.dtype(config.model.compute_dtype),
-        **overrides,
-    )
-
-
-def setup(config, workdir: epath.Path, *, manifest_dir=None) -> Run:
-    """Data and plan; the data report goes to manifest_dir (default: the workdir)."""
-    spec_probe = build_model(config, num_classes=max(1, config.model.num_classes))
-    prep = resolve_preprocessing(config, spec_probe)
-    check_config(config, spec_probe, prep)  # before the data: seconds, not minutes
-    datasets = data.build_datasets(
-        config.data,
-        image_size=prep.resolution,
-        resize=prep.resize,
-        seed=config.seed,
-        workdir=str(workdir),
-        manifest_dir=None if manifest_dir is None else str(manifest_dir),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    num_classes = check_num_classes(config, datasets)
-    global_batch = config.data.batch_size
-    steps_per_epoch = datasets.train.batches_per_epoch(global_batch)
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"config.data.batch_size={global_batch} is larger than the training set "
-            f"({datasets.train.n_examples} images); lower it"
-        )
-    return plan(
-        config,
-        num_classes=num_classes,
-        steps_per_epoch=steps_per_epoch,
-        prep=prep,
-        datasets=datasets,
-    )
-
-
-BN_MODES = ("frozen", "train")
-
-
-def check_config(config, spec, prep) -> None:
-    """What can be checked from the config and the model alone."""
-    if config.train.bn_mode not in BN_MODES:
-        raise ConfigError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
-    params = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))["params"]
-    optim.check_groups(config.optim, params=params, spec=spec)
-
-
-def plan(config, *, num_classes: int, steps_per_epoch: int, prep, datasets=None) -> Run:
-    """Model, phases and mesh: everything but the data (eval / predict rebuild it from run.json)."""
-    spec = build_model(config, num_classes=num_classes)
-    mesh = sharding.make_mesh(data=config.train.mesh_data, model=config.train.mesh_model)
-    params_shape = jax.eval_shape(lambda: spec.init(jax.random.key(0), prep.resolution))
-    phases = optim.make_phases(
-        config.optim,
-        train_config=config.train,
-        params=params_shape["params"],
-        spec=spec,
-        steps_per_epoch=steps_per_epoch,
-    )
-    total = phases[-1].end_step
-    global_batch = config.data.batch_size
-    eval_batch = config.data.eval_batch_size or global_batch
-    return Run(
-        spec,
-        prep,
-        datasets,
-        phases,
-        mesh,
-        steps_per_epoch,
-        total,
-        global_batch,
-        eval_batch,
-        config.train.shard_min_size,
-    )
-
-
-def check_num_classes(config, datasets) -> int:
-    found = datasets.num_classes
-    if config.model.num_classes and config.model.num_classes != found:
-        raise ConfigError(
-            f"config.model.num_classes={config.model.num_classes} but the data has {found} "
-            f"classes ({', '.join(datasets.class_names[:10])}{'...' if found > 10 else ''}); "
-            "set it to 0 to take the count from the data"
-        )
-    return found
-
-
-def config_hash(config) -> str:
-    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- state
-
-
-def initial_variables(config, run: Run) -> dict:
-    """Fresh init, then the pretrained weights (only ever at step 0)."""
-    variables = run.spec.init(jax.random.key(config.seed), run.prep.resolution)
-    if not config.weights.source:
-        return variables
-    loaded = weights_lib.load_pretrained(
-        run.spec,
-        config.weights.source,
-        variables=variables,
-        reinit=tuple(config.weights.reinit),
-        preprocessing=run.prep,
-        cache_dir=config.weights.cache_dir or None,
-    )
-    log.info("pretrained weights %s: %s", config.weights.source, loaded.report.summary())
-    return loaded.variables
-
-
-def phase_at(phases, step: int) -> int:
-    for i, phase in enumerate(phases):
-        if step < phase.end_step:
-            return i
-    return len(phases) - 1
-
-
-def abstract_state(run: Run, phase):
-    """Shapes, dtypes and shardings of the train state in `phase` (nothing allocated)."""
-    shapes = jax.eval_shape(
-        lambda: state.create(
-            variables=run.spec.init(jax.random.key(0), run.prep.resolution), tx=phase.tx, seed=0
-        )
-    )
-    shardings = sharding.param_shardings(shapes, run.mesh, min_size=run.shard_min_size)
-    return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
-    ), shardings
-
-
-def restore(run: Run, ckpt: checkpointing.Checkpointer, step: int) -> state.TrainState:
-    abstract, _ = abstract_state(run, run.phases[phase_at(run.phases, step)])
-    return ckpt.restore(step, abstract_state=abstract)
-
-
-def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
-    """Resume order: a checkpoint in the workdir wins; pretrained weights only at step 0."""
-    latest = ckpt.latest_step()
-    phase = run.phases[phase_at(run.phases, latest or 0)]
-    abstract, shardings = abstract_state(run, phase)
-    if latest is not None:
-        log.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
-        return ckpt.restore(latest, abstract_state=abstract), shardings
-    variables = initial_variables(config, run)
-    st = state.create(variables=variables, tx=phase.tx, seed=config.seed)
-    return sharding.put_global(st, shardings), shardings
-
-
-def chosen_step(ckpt: checkpointing.Checkpointer) -> int | None:
-    """The one checkpoint a run stands for, everywhere (summary, test split, eval, predict,
-    export): the best by validation top-1, ties to the latest (orbax's order); else the
-    latest when none carries metrics."""
-    best = ckpt.best_step()
-    return ckpt.latest_step() if best is None else best
-
-
-def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer:
-    return checkpointing.Checkpointer(
-        workdir / "checkpoints",
-        keep_last=config.train.keep_last,
-        keep_best=config.train.keep_best,
-        best_metric="val/top1",
-        best_mode="max",
-        async_save=config.train.async_checkpoints,
-    )
-
-
-def switch_phase(st: state.TrainState, phase, run: Run):
-    """(state, shardings) for the new phase: a fresh optimizer state, so that newly unfrozen
-    leaves start from zero moments."""
-    st = st.replace(opt_state=phase.tx.init(st.params))
-    shardings = shardings_for(st, run)
-    return sharding.put_global(st, shardings), shardings
 
 
 # ----------------------------------------------------------------------------- loop
@@ -391,21 +183,6 @@ def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, 
     return scalars
 
 
-def save_run_record(config, run: Run, workdir: epath.Path) -> None:
-    """What eval / predict need later, and what a reader of the workdir wants to know."""
-    if jax.process_index() != 0:
-        return
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    (workdir / "preprocessing.json").write_text(run.prep.to_json())
-    (workdir / "classes.json").write_text(json.dumps(run.datasets.class_names, indent=1))
-    run_info = {"steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps}
-    (workdir / "run.json").write_text(json.dumps(run_info, indent=1))
-    tables = "\n\n".join(
-        f"phase {p.name} (steps {p.start_step}..{p.end_step}):\n{p.table}" for p in run.phases
-    )
-    (workdir / "optimizer_groups.txt").write_text(tables + "\n")
-
-
 @dataclasses.dataclass(frozen=True)
 class PhaseResult:
     name: str
@@ -471,15 +248,15 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir = fs.check_writable(fs.path(workdir, what="workdir"), what="workdir")
     t_start = time.time()
     _start_distributed(config.train)
-    run = setup(config, workdir)
-    save_run_record(config, run, workdir)
+    run = experiment.from_config(config, workdir)
+    experiment.save_run_record(config, run, workdir)
     for phase in run.phases:
         log.info(
             "phase %s, steps %d..%d\n%s", phase.name, phase.start_step, phase.end_step, phase.table
         )
-    ckpt = open_checkpointer(config, workdir)
-    st, shardings = init_or_restore(config, run, ckpt)
-    log_layout(run, st.params, shardings.params)
+    ckpt = experiment.open_checkpointer(config, workdir)
+    st, shardings = experiment.init_or_restore(config, run, ckpt)
+    experiment.log_layout(run, st.params, shardings.params)
     loop = _open_loop(config, run, ckpt, workdir, start_step=int(jax.device_get(st.step)))
     try:
         result = train_phases(loop, st, shardings)
@@ -541,12 +318,12 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
     phases = loop.run.phases
     step = int(jax.device_get(st.step))
     results = []
-    for i in range(phase_at(phases, step), len(phases)):
+    for i in range(experiment.phase_at(phases, step), len(phases)):
         phase, ran = phases[i], step < phases[i].end_step
         st, val = run_phase(loop, phase, st, shardings, start_step=step)
         step = phase.end_step
         if i + 1 < len(phases):
-            st, shardings = switch_phase(st, phases[i + 1], loop.run)
+            st, shardings = experiment.switch_phase(st, phases[i + 1], loop.run)
             log.info("step %d: phase %s starts", step, phases[i + 1].name)
         if ran:
             _save(loop, step, st, val)
@@ -628,37 +405,13 @@ def _val_scalars(result, **extra) -> dict:
     return {"val/loss": result.loss, "val/top1": result.top1, "val/top5": result.top5, **extra}
 
 
-def log_layout(run: Run, params, param_shardings) -> None:
-    leaves = jax.tree_util.tree_leaves(params)
-    split = [
-        leaf
-        for leaf, sh in zip(leaves, jax.tree_util.tree_leaves(param_shardings), strict=True)
-        if sharding.MODEL in sh.spec
-    ]
-    log.info(
-        "mesh %s; parameters split over '%s': %d of %d leaves, %s of %s values",
-        dict(run.mesh.shape),
-        sharding.MODEL,
-        len(split),
-        len(leaves),
-        f"{sum(x.size for x in split):,}",
-        f"{sum(x.size for x in leaves):,}",
-    )
-
-
-def shardings_for(st, run: Run):
-    return sharding.param_shardings(
-        jax.eval_shape(lambda: st), run.mesh, min_size=run.shard_min_size
-    )
-
-
 def final_test(config, run: Run, workdir: epath.Path, ckpt, eval_fn):
     """The test split (train/ + val/ + test/), evaluated once, on the best checkpoint by
     validation top-1: model selection never sees it. (name, step, result) or None."""
     if run.datasets.test is None:
         return None
-    step = chosen_step(ckpt)
-    result = run_eval(eval_fn, restore(run, ckpt, step), run, split=run.datasets.test)
+    step = experiment.chosen_step(ckpt)
+    result = run_eval(eval_fn, experiment.restore(run, ckpt, step), run, split=run.datasets.test)
     name = split_dir_name(run.datasets.manifest["splits"]["test"], "test")
     if jax.process_index() == 0:
         evaluate.write_reports(
@@ -702,14 +455,14 @@ def _finish(config, run, workdir, final, result: TrainResult, ckpt, wall, test=N
             "errors": final.n_errors,
             "n": final.n,
         },
-        "best": _metrics_at(history, chosen_step(ckpt)),
-        "best_step": chosen_step(ckpt),
+        "best": _metrics_at(history, experiment.chosen_step(ckpt)),
+        "best_step": experiment.chosen_step(ckpt),
         "phases": rows,
         "test": None if test is None else {"split": test[0], "step": test[1], **_scores(test[2])},
         "steps": run.total_steps,
         "steps_per_epoch": run.steps_per_epoch,
         "wall_time_s": wall,
-        "config_hash": config_hash(config),
+        "config_hash": experiment.config_hash(config),
         "model": config.model.name,
         "weights": config.weights.source,
         "preprocessing": json.loads(run.prep.to_json()),
