@@ -19,8 +19,9 @@ import jax
 import numpy as np
 import pytest
 import safetensors.numpy
+from PIL import Image
 
-from tlflax import experiment, export, fs, main, metrics_io, optim, state, tree
+from tlflax import experiment, export, fs, main, metrics_io, optim, predict, state, train, tree
 from tlflax.data import augment, load_image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -167,6 +168,51 @@ def test_ema_export_holds_the_ema_of_the_trainable_weights(tiny_run, exported, t
     differ = [k for k in raw if not np.array_equal(ema[k], raw[k])]
     assert any(k.startswith("params/head/") for k in differ), differ
     assert not any(k.startswith("batch_stats/") for k in differ)  # statistics are not averaged
+
+
+def test_ema_weights_are_evaluated_beside_the_raw_ones(tiny_run):
+    """optim.ema_decay > 0: each evaluation scores the EMA weights too, and the summary's EMA
+    accuracy is theirs (recomputed here from the last checkpoint's EMA state)."""
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    config, run = experiment.from_workdir(fs.path(tiny_run), with_data=True)
+    ckpt = experiment.open_checkpointer(config, fs.path(tiny_run))
+    st = experiment.restore(run, ckpt, run.total_steps)
+    ckpt.close()
+    eval_fn = train.make_eval_fn(run)
+    raw = train.run_eval(eval_fn, st, run)
+    ema = train.run_eval(eval_fn, experiment.ema_state(st, where="test"), run)
+    assert summary["final"]["val/loss"] == pytest.approx(raw.loss, abs=1e-6)
+    assert summary["final_ema"]["loss"] == pytest.approx(ema.loss, abs=1e-6)
+    assert summary["final_ema"]["top1"] == ema.top1
+    assert abs(ema.loss - raw.loss) > 1e-3  # the EMA is not the raw weights
+    evals = [h for h in metrics_io.read_history(tiny_run) if "val/top1" in h]
+    assert [h["step"] for h in evals] == [4, 8] and all("val/ema_top1" in h for h in evals)
+    names = [r["strategy"] for r in summary["phases"]]
+    assert names == ["linear_probe", "linear_probe (EMA)", "finetune", "finetune (EMA)"]
+
+
+def test_predict_and_eval_with_ema_use_the_ema_weights(tiny_run, tmp_path, capsys):
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(image)
+    probs = {}
+    for flags in ([], ["--ema"]):
+        out = tmp_path / f"p{len(flags)}.json"
+        argv = ["tlflax", "predict", "--workdir", str(tiny_run), str(image), "--out", str(out)]
+        assert main.main([*argv, "--top_k", "10", *flags]) == 0
+        (row,) = json.loads(out.read_text())["predictions"]
+        probs[bool(flags)] = {t["class"]: t["prob"] for t in row["top"]}
+    run, st, _ = _restored(tiny_run)
+    images = load_image(str(image), resize=run.prep.resize)[None]
+    ema_variables = state.variables_of(experiment.ema_state(st, where="test"))
+    want = predict.make_probs_fn(run)(ema_variables, images)
+    classes = run.class_names
+    got = np.array([probs[True][c] for c in classes])
+    np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-5)
+    assert not np.allclose(got, [probs[False][c] for c in classes], atol=1e-4)
+    capsys.readouterr()
+    assert main.main(["tlflax", "eval", "--workdir", str(tiny_run), "--ema"]) == 0
+    assert "(EMA)" in capsys.readouterr().out
+    assert list(tiny_run.glob("eval_*_step*_ema"))
 
 
 def test_ema_of_a_run_without_ema_is_one_clear_error(tiny_run, tmp_path):

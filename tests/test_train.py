@@ -460,6 +460,7 @@ def test_num_classes_that_disagrees_with_the_data(tmp_path):
     [
         ({"optim.strategy": "last_k", "optim.k": 9}, "k=9 but resnet_tiny has 5 stages"),
         ({"train.bn_mode": "Train"}, "bn_mode='Train'; use one of \\('frozen', 'train'\\)"),
+        ({"train.select_ema": True}, "select_ema=True picks checkpoints by the EMA weights"),
     ],
 )
 def test_bad_config_fails_before_the_data_is_read(tmp_path, values, message):

@@ -59,16 +59,16 @@ def cmd_eval(flags, config_unused, positional) -> int:
     ckpt = experiment.open_checkpointer(config, workdir)
     step = experiment.need_chosen_step(ckpt, workdir)
     ckpt.close()
-    out = workdir / f"eval_{name}_step{step}"
+    out = workdir / f"eval_{name}_step{step}{'_ema' if flags.ema else ''}"
     # The data report of this evaluation goes with its results; the run's own stays. The
     # data is read with the saved preprocessing: the weights source is never looked up.
     config, run = experiment.from_workdir(workdir, config=config, manifest_dir=out, with_data=True)
-    st, step = experiment.restore_chosen(config, run, workdir)
+    st, step = _restored(config, run, workdir, ema=flags.ema, command="eval")
     result = train.run_eval(train.make_eval_fn(run, tta=_tta(flags)), st, run)
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
         {
-            "split": split,
+            "split": split + (" (EMA)" if flags.ema else ""),
             "step": step,
             "top1": f"{100 * result.top1:.2f} %",
             "errors": f"{result.n_errors}/{result.n}",
@@ -85,7 +85,7 @@ def cmd_predict(flags, config_unused, positional) -> int:
         raise errors.UserError("give one or more image files, folders or globs")
     paths = predict.expand_inputs(positional)
     config, run = experiment.from_workdir(workdir)
-    st, step = experiment.restore_chosen(config, run, workdir)
+    st, step = _restored(config, run, workdir, ema=flags.ema, command="predict")
     probs, good, bad = predict.predict_files(
         paths,
         probs_fn=predict.make_probs_fn(run, tta=_tta(flags)),
@@ -102,6 +102,17 @@ def cmd_predict(flags, config_unused, positional) -> int:
         predict.write(rows, flags.out, top_k=flags.top_k, step=step)
         print(f"{int(good.sum())} of {len(paths)} files predicted (step {step}); {flags.out}")
     return 0 if good.any() else 1
+
+
+def _restored(config, run, workdir, *, ema: bool, command: str):
+    """(state, step) of the chosen checkpoint; with --ema, its EMA weights."""
+    if ema and not config.optim.ema_decay:
+        raise errors.UserError(
+            f"tlflax {command} --ema: the run in {workdir} was trained with "
+            "optim.ema_decay=0.0, so it holds no EMA weights; drop --ema"
+        )
+    st, step = experiment.restore_chosen(config, run, workdir)
+    return (experiment.ema_state(st, where=f"tlflax {command} --ema") if ema else st), step
 
 
 def _tta(flags) -> str:

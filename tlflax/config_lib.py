@@ -195,6 +195,9 @@ def _train_config() -> ConfigDict:
     c.checkpoint_every = 0  # steps between checkpoints; 0: at the end of each epoch
     c.keep_last = 2  # checkpoints kept by recency ...
     c.keep_best = 1  # ... plus these, by validation top-1
+    # With optim.ema_decay > 0: the EMA weights' validation top-1 picks the checkpoint a run
+    # stands for (best, keep_best, the test split, which is then evaluated on the EMA).
+    c.select_ema = False
     c.async_checkpoints = True  # save in the background while training goes on
     c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
     c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)

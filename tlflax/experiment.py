@@ -127,6 +127,11 @@ def check_config(config, model: _Model, prep) -> None:
     """What can be checked from the config and the model alone."""
     if config.train.bn_mode not in BN_MODES:
         raise ConfigError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
+    if config.train.select_ema and not config.optim.ema_decay:
+        raise ConfigError(
+            "config.train.select_ema=True picks checkpoints by the EMA weights, but "
+            "config.optim.ema_decay=0 keeps none; set ema_decay (e.g. 0.999) or select_ema=False"
+        )
     params = model.variables_shape(prep.resolution)["params"]
     optim.check_groups(config.optim, params=params, spec=model.spec)
 
@@ -331,16 +336,32 @@ def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer
         workdir / "checkpoints",
         keep_last=config.train.keep_last,
         keep_best=config.train.keep_best,
-        best_metric="val/top1",
+        best_metric=best_metric(config),
         best_mode="max",
         async_save=config.train.async_checkpoints,
     )
 
 
+def best_metric(config) -> str:
+    return "val/ema_top1" if config.train.select_ema else "val/top1"
+
+
+def ema_state(st: state.TrainState, *, where: str) -> state.TrainState:
+    """The state with each trainable parameter replaced by its EMA (frozen ones and the
+    BatchNorm statistics stay); `where` names the command for the error."""
+    params = optim.ema_params(st.params, st.opt_state)
+    if params is None:
+        raise UserError(
+            f"{where}: the checkpoint at step {int(jax.device_get(st.step))} holds no EMA "
+            "weights (optim.ema_decay=0 when it was trained); drop --ema"
+        )
+    return st.replace(params=params)
+
+
 def chosen_step(ckpt: checkpointing.Checkpointer) -> int | None:
     """The one checkpoint a run stands for, everywhere (summary, test split, eval, predict,
-    export): the best by validation top-1, ties to the latest (orbax's order); else the
-    latest when none carries metrics."""
+    export): the best by validation top-1 (of the EMA with train.select_ema), ties to the
+    latest (orbax's order); else the latest when none carries metrics."""
     best = ckpt.best_step()
     return ckpt.latest_step() if best is None else best
 

@@ -29,14 +29,18 @@ COMMANDS = {
     "eval": (
         "Evaluate a run's best checkpoint (by validation top-1) on its validation split or "
         "another one; reports go to DIR/eval_<split>_step<N>/.",
-        "--workdir DIR [--split NAME]",
-        ("workdir", "split"),
-        ("tlflax eval --workdir runs/photos", "tlflax eval --workdir runs/photos --split test"),
+        "--workdir DIR [--split NAME] [--tta T] [--ema]",
+        ("workdir", "split", "tta", "ema"),
+        (
+            "tlflax eval --workdir runs/photos",
+            "tlflax eval --workdir runs/photos --split test --ema",
+        ),
     ),
     "predict": (
         "Top-k classes of images (files, folders, globs) with a run's best checkpoint.",
-        "--workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k K] [--out FILE.csv|.json] [--tta T]",
-        ("workdir", "top_k", "out", "tta", "batch_size"),
+        "--workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k K] [--out FILE.csv|.json] [--tta T] "
+        "[--ema]",
+        ("workdir", "top_k", "out", "tta", "batch_size", "ema"),
         (
             "tlflax predict --workdir runs/photos holiday/*.jpg",
             "tlflax predict --workdir runs/photos new_photos/ --out predictions.csv --tta flip",

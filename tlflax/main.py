@@ -1,8 +1,8 @@
 """The tlflax command line: train / eval / predict / inspect / export / config (`--help`).
 
 tlflax train   --config CONFIG[:ARGS] --workdir DIR [--config.key=value ...]
-tlflax eval    --workdir DIR [--split NAME]
-tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip]
+tlflax eval    --workdir DIR [--split NAME] [--tta flip] [--ema]
+tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip] [--ema]
 tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
 tlflax export  --workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]
 tlflax config  [--config CONFIG[:ARGS]] [--config.key=value ...]
@@ -53,7 +53,7 @@ flags.DEFINE_string(
     "export_dir", None, "export: output folder (default WORKDIR/export[_ema])", flag_values=FLAGS
 )
 flags.DEFINE_bool(
-    "ema", False, "export: the EMA weights (runs with optim.ema_decay > 0)", flag_values=FLAGS
+    "ema", False, "eval, predict, export: the EMA weights (optim.ema_decay > 0)", flag_values=FLAGS
 )
 
 COMMANDS = ("train", "eval", "predict", "inspect", "export", "config")

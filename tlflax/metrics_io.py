@@ -291,15 +291,22 @@ class Progress:
             scalars.get("train/images_per_sec", math.nan), _duration(eta),
         )  # fmt: skip
 
-    def evaluated(self, step: int, *, phase: str, top1: float, loss: float) -> None:
+    def evaluated(
+        self, step: int, *, phase: str, top1: float, loss: float, ema_top1=None, select_ema=False
+    ) -> None:
+        """ema_top1: the EMA weights' top-1 (optim.ema_decay > 0); select_ema: it, not the
+        raw weights' top-1, ranks the checkpoints (train.select_ema), so the best follows it."""
         if not self.enabled:
             return
-        if self._best is None or top1 >= self._best[0]:  # ties: the latest, as checkpoints
-            self._best = (top1, step)
+        ranked = ema_top1 if select_ema else top1
+        if self._best is None or ranked >= self._best[0]:  # ties: the latest, as checkpoints
+            self._best = (ranked, step)
+        ema = "" if ema_top1 is None else f"  EMA top-1 {ema_top1:.4f}"
         log.info(
-            "step %d/%d  epoch %.2f  phase %s  validation top-1 %.4f  loss %.4f  "
-            "(best %.4f at step %d)",
-            step, self.total, step / self.steps_per_epoch, phase, top1, loss, *self._best,
+            "step %d/%d  epoch %.2f  phase %s  validation top-1 %.4f  loss %.4f%s  "
+            "(best%s %.4f at step %d)",
+            step, self.total, step / self.steps_per_epoch, phase, top1, loss, ema,
+            " EMA" if select_ema else "", *self._best,
         )  # fmt: skip
 
     def close(self) -> None:

@@ -183,12 +183,23 @@ def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, 
     return scalars
 
 
+class Scores(NamedTuple):
+    """One evaluation: of the raw weights, and of their EMA (optim.ema_decay > 0)."""
+
+    raw: evaluate.EvalResult
+    ema: evaluate.EvalResult | None
+
+    def scalars(self, **extra) -> dict:
+        out = _val_scalars(self.raw, **extra)
+        return out if self.ema is None else {**out, **_val_scalars(self.ema, prefix="val/ema_")}
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseResult:
     name: str
     start_step: int
     end_step: int
-    val: evaluate.EvalResult | None  # its end-of-phase evaluation; None: run by an earlier process
+    val: Scores | None  # its end-of-phase evaluation; None: run by an earlier process
 
 
 @dataclasses.dataclass
@@ -271,7 +282,7 @@ def train_and_evaluate(config, workdir) -> dict:
         loop.progress.close()
     ckpt.wait()
     last = result.phases[-1].val if result.phases else None
-    final = last or run_eval(loop.eval_fn, result.state, run)
+    final = last or evaluate_state(config, loop.eval_fn, result.state, run)
     test = final_test(config, run, workdir, ckpt, loop.eval_fn)
     summary = _finish(config, run, workdir, final, result, ckpt, time.time() - t_start, test)
     loop.writer.close()
@@ -359,17 +370,33 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
     return st, val
 
 
-def _evaluate(loop: Loop, st, step: int, phase):
-    val = run_eval(loop.eval_fn, st, loop.run)
-    loop.writer.write_scalars(step, _val_scalars(val, epoch=step / loop.run.steps_per_epoch))
-    loop.progress.evaluated(step, phase=phase.name, top1=val.top1, loss=val.loss)
-    return val
+def _evaluate(loop: Loop, st, step: int, phase) -> Scores:
+    scores = evaluate_state(loop.config, loop.eval_fn, st, loop.run)
+    loop.writer.write_scalars(step, scores.scalars(epoch=step / loop.run.steps_per_epoch))
+    loop.progress.evaluated(
+        step,
+        phase=phase.name,
+        top1=scores.raw.top1,
+        loss=scores.raw.loss,
+        ema_top1=None if scores.ema is None else scores.ema.top1,
+        select_ema=loop.config.train.select_ema,
+    )
+    return scores
 
 
-def _save(loop: Loop, step: int, st, val) -> None:
+def evaluate_state(config, eval_fn, st, run: Run, *, split=None) -> Scores:
+    """The raw weights, and with optim.ema_decay > 0 their EMA, on one split."""
+    raw = run_eval(eval_fn, st, run, split=split)
+    if not config.optim.ema_decay:
+        return Scores(raw, None)
+    ema = experiment.ema_state(st, where="evaluation")
+    return Scores(raw, run_eval(eval_fn, ema, run, split=split))
+
+
+def _save(loop: Loop, step: int, st, val: Scores | None) -> None:
     check_finite_state(st, step)
     loop.writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
-    loop.ckpt.save(step, st, metrics=_val_scalars(val) if val else None)
+    loop.ckpt.save(step, st, metrics=val.scalars() if val else None)
 
 
 @jax.jit
@@ -401,17 +428,22 @@ def train_batches(run: Run, *, start_step: int):
         yield from itertools.islice(batches, offset if e == epoch else 0, None)
 
 
-def _val_scalars(result, **extra) -> dict:
-    return {"val/loss": result.loss, "val/top1": result.top1, "val/top5": result.top5, **extra}
+def _val_scalars(result, *, prefix: str = "val/", **extra) -> dict:
+    scores = {"loss": result.loss, "top1": result.top1, "top5": result.top5}
+    return {**{prefix + k: v for k, v in scores.items()}, **extra}
 
 
 def final_test(config, run: Run, workdir: epath.Path, ckpt, eval_fn):
     """The test split (train/ + val/ + test/), evaluated once, on the best checkpoint by
-    validation top-1: model selection never sees it. (name, step, result) or None."""
+    validation top-1: model selection never sees it; with train.select_ema, on its EMA
+    weights, those that selected it. (name, step, result) or None."""
     if run.datasets.test is None:
         return None
     step = experiment.chosen_step(ckpt)
-    result = run_eval(eval_fn, experiment.restore(run, ckpt, step), run, split=run.datasets.test)
+    st = experiment.restore(run, ckpt, step)
+    if config.train.select_ema:
+        st = experiment.ema_state(st, where="the test split")
+    result = run_eval(eval_fn, st, run, split=run.datasets.test)
     name = split_dir_name(run.datasets.manifest["splits"]["test"], "test")
     if jax.process_index() == 0:
         evaluate.write_reports(
@@ -433,11 +465,12 @@ def split_dir_name(report: dict, default: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or default
 
 
-def _finish(config, run, workdir, final, result: TrainResult, ckpt, wall, test=None) -> dict:
+def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=None) -> dict:
     vals = {p.name: p.val for p in result.phases}
-    vals[run.phases[-1].name] = final
+    vals[run.phases[-1].name] = scores
     rows = _phase_rows(run, vals)
     history = metrics_io.read_history(workdir)
+    final = scores.raw
     if jax.process_index() == 0:
         evaluate.write_reports(
             final,
@@ -448,13 +481,9 @@ def _finish(config, run, workdir, final, result: TrainResult, ckpt, wall, test=N
             title=config.model.name,
         )
     summary = {
-        "final": {
-            "val/loss": final.loss,
-            "val/top1": final.top1,
-            "val/top5": final.top5,
-            "errors": final.n_errors,
-            "n": final.n,
-        },
+        "final": {**_val_scalars(final), "errors": final.n_errors, "n": final.n},
+        "final_ema": None if scores.ema is None else _scores(scores.ema),
+        "select_ema": config.train.select_ema,
         "best": _metrics_at(history, experiment.chosen_step(ckpt)),
         "best_step": experiment.chosen_step(ckpt),
         "phases": rows,
@@ -477,17 +506,19 @@ TABLE_COLUMNS = ("strategy", "accuracy", "top-5", "errors")
 
 
 def _phase_rows(run: Run, vals: dict) -> list[dict]:
-    """One row per phase that this process evaluated: its end-of-phase evaluation."""
-    return [
-        {
-            "strategy": p.name,
-            "step": p.end_step,
-            **_table_cells(vals[p.name]),
-            **_val_scalars(vals[p.name]),
-        }
-        for p in run.phases
-        if vals.get(p.name) is not None
-    ]
+    """One row per phase that this process evaluated: its end-of-phase evaluation, and one
+    more for its EMA weights (optim.ema_decay > 0)."""
+    rows = []
+    for p in run.phases:
+        scores = vals.get(p.name)
+        if scores is None:
+            continue
+        row = {"strategy": p.name, "step": p.end_step, **_table_cells(scores.raw)}
+        rows.append({**row, **scores.scalars()})
+        if scores.ema is not None:
+            ema = {"strategy": f"{p.name} (EMA)", "step": p.end_step, "ema": True}
+            rows.append({**ema, **_table_cells(scores.ema), **_val_scalars(scores.ema)})
+    return rows
 
 
 def _test_rows(test) -> list[dict]:
@@ -521,4 +552,5 @@ def _metrics_at(history, step) -> dict:
     evals = [h for h in history if "val/top1" in h and h["step"] == step]
     if not evals:
         return {}
-    return {k: evals[-1][k] for k in ("step", "val/top1", "val/top5", "val/loss") if k in evals[-1]}
+    keys = ["step"] + [f"val/{e}{m}" for e in ("", "ema_") for m in ("top1", "top5", "loss")]
+    return {k: evals[-1][k] for k in keys if k in evals[-1]}
