@@ -168,13 +168,18 @@ def _optim_config() -> ConfigDict:
     # dict with optional lr_mult, wd_mult (1.0), schedule (name or dict of the keys above), name.
     c.groups = ()
     # strategy '': a plan of phases written by hand instead of one `groups` phase: dicts with
-    # groups (as above), steps or epochs, and optional name, lr, optimizer (default: lr, name).
+    # groups (as above), steps or epochs, and optional name, lr, optimizer (default: lr, name),
+    # kind ('train', or 'cached_probe' for a head-only phase on cached features).
     c.phases = ()
     c.k = 1  # last_k: stages >= n_stages - k train (plus the head)
     c.lr_decay = "none"  # full / last_k: 'none' 'linear' 'exponential' 'layer_decay'
     c.lr_floor_mult = 1e-3  # 'linear': layer 0's lr_mult, up to 1 at the head (VGG16 seed)
     c.stage_divisor = 3.0  # 'exponential': lr / divisor per stage towards the input (ResNet seed)
     c.layer_decay = 0.75  # 'layer_decay': lr * layer_decay ** (n_layers - layer) (BEiT / timm)
+    # linear_probe and two_phase's probe: 'in_loop' runs the frozen backbone at every step
+    # (with augmentation); 'cached' runs it once over the data and trains the head on the
+    # cached features (tlflax/features.py: seconds instead of minutes; no augmentation).
+    c.probe = "in_loop"
     c.probe_steps = 0  # two_phase: phase 1, the linear probe (seeds: 16 epochs)
     c.probe_epochs = 0.0
     c.finetune_steps = 0  # two_phase: phase 2, fine-tuning (seeds: 8 epochs)

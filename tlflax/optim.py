@@ -36,6 +36,10 @@ from tlflax.errors import ConfigError
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 FINETUNES = ("full", "last_k")  # what phase 2 of two_phase may be
 LR_DECAYS = ("none", "linear", "exponential", "layer_decay")
+PROBES = ("in_loop", "cached")  # how a linear probe runs its frozen backbone
+# A phase's kind: 'train' steps on images through the whole model; 'cached_probe' runs the
+# frozen backbone once over the data (tlflax/features.py) and steps the head on the features.
+PHASE_KINDS = ("train", "cached_probe")
 FROZEN = "frozen"  # the label of every frozen leaf
 # The keys a group rule dict may have, and their values when it leaves them out. `schedule`
 # is a schedule name or a dict of config.optim schedule keys (schedules.KEYS) to override.
@@ -55,6 +59,7 @@ class Phase:
     trainable: Any  # params-shaped tree of Python bools
     lr_fns: dict[str, Callable]  # group label -> fn(global step) -> learning rate
     table: str  # which rule took which leaves, for the run log and `tlflax inspect`
+    kind: str = "train"  # one of PHASE_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,13 @@ def validate(c) -> None:
     _check_choice("finetune", c.finetune, FINETUNES)
     _check_choice("finetune_optimizer", c.finetune_optimizer, ("",) + OPTIMIZERS)
     _check_choice("schedule", c.schedule, schedules.SCHEDULES)
+    _check_choice("probe", c.probe, PROBES)
+    if c.probe == "cached" and c.strategy not in ("linear_probe", "two_phase"):
+        raise ConfigError(
+            f"config.optim.probe='cached' caches the frozen backbone's features for a linear "
+            f"probe, but strategy={c.strategy!r} has none; use strategy 'linear_probe' or "
+            "'two_phase' (or kind='cached_probe' in a hand-written phase)"
+        )
     for key in ("groups", "phases"):
         if c.strategy and c[key]:
             raise ConfigError(
@@ -155,7 +167,7 @@ class PhaseSpec:
     steps: int = 0
     epochs: float = 0.0
     where: str = "config.train"  # the keys that set the duration, for errors
-    kind: str = "train"
+    kind: str = "train"  # one of PHASE_KINDS
 
     def bind(self, steps_per_epoch: int) -> int:
         """The duration in steps (>= 1)."""
@@ -168,10 +180,15 @@ class PhaseSpec:
         return n
 
 
+def _probe_kind(c) -> str:
+    return "cached_probe" if c.probe == "cached" else "train"
+
+
 def _one_phase(strategy: str):
     def plan(c, train_config) -> list[PhaseSpec]:
         steps, epochs = _run_length(train_config)
-        return [PhaseSpec(strategy, strategy, c.name, c.lr, c.lr_decay, steps, epochs)]
+        kind = _probe_kind(c) if strategy == "linear_probe" else "train"
+        return [PhaseSpec(strategy, strategy, c.name, c.lr, c.lr_decay, steps, epochs, kind=kind)]
 
     return plan
 
@@ -202,6 +219,7 @@ def _two_phase(c, train_config) -> list[PhaseSpec]:
             "none",
             *lengths["probe"],
             where=where.format("probe"),
+            kind=_probe_kind(c),
         ),
         PhaseSpec(
             "finetune",
@@ -215,7 +233,15 @@ def _two_phase(c, train_config) -> list[PhaseSpec]:
     ]
 
 
-PHASE_KEYS = {"name": "", "groups": (), "steps": 0, "epochs": 0.0, "lr": 0.0, "optimizer": ""}
+PHASE_KEYS = {
+    "name": "",
+    "groups": (),
+    "steps": 0,
+    "epochs": 0.0,
+    "lr": 0.0,
+    "optimizer": "",
+    "kind": "train",
+}
 
 
 def _by_hand(c, train_config) -> list[PhaseSpec]:
@@ -232,6 +258,7 @@ def _by_hand(c, train_config) -> list[PhaseSpec]:
         parse_rules(p["groups"], where=f"{where}.groups")
         if p["optimizer"]:
             _check_choice("name", p["optimizer"], OPTIMIZERS)
+        _check_choice(f"phases[{i}].kind", p["kind"], PHASE_KINDS)
         if p["steps"] and p["epochs"]:
             raise ConfigError(f"{where}: both steps and epochs are set; give one")
         name = p["name"] or f"phase{i}"
@@ -247,6 +274,7 @@ def _by_hand(c, train_config) -> list[PhaseSpec]:
             int(p["steps"]),
             float(p["epochs"]),
             where=where,
+            kind=p["kind"],
         )
         spec.bind(1)  # a duration must be given
         specs.append(spec)
@@ -434,6 +462,7 @@ class _Plan:
     groups: tuple
     optimizer: str
     lr: float
+    kind: str = "train"
 
 
 def make_phases(optim_config, *, train_config, params, spec, steps_per_epoch: int) -> list[Phase]:
@@ -467,9 +496,13 @@ def _plans(c, *, train_config, spec, params, spe: int) -> list[_Plan]:
         groups = phase.rules
         if isinstance(groups, str):
             groups = strategy_groups(groups, c, spec=spec, names=names, lr_decay=phase.lr_decay)
-        _owners(c, phase.name, groups, names)
+        where, _, owner = _owners(c, phase.name, groups, names)
+        if phase.kind == "cached_probe":
+            _check_head_only(where, phase.name, owner, spec)
         end = start + phase.bind(spe)
-        plans.append(_Plan(phase.name, start, end, tuple(groups), phase.optimizer, phase.lr))
+        plans.append(
+            _Plan(phase.name, start, end, tuple(groups), phase.optimizer, phase.lr, phase.kind)
+        )
         start = end
     return plans
 
@@ -482,6 +515,17 @@ def _owners(c, name: str, groups, names) -> tuple[str, list[Rule], dict[str, Rul
     if all(r.frozen for r in owner.values()):
         raise ConfigError(f"{where}: every parameter is frozen; nothing would train")
     return where, rules, owner
+
+
+def _check_head_only(where: str, name: str, owner: dict[str, Rule], spec) -> None:
+    """A cached probe steps the head on fixed features: nothing else may train."""
+    moving = [n for n, rule in owner.items() if not rule.frozen and not spec.head_is(n)]
+    if moving:
+        raise ConfigError(
+            f"{where}: phase {name} is a cached probe (the backbone runs once, frozen), but "
+            f"its groups train {moving[0]}" + (f" and {len(moving) - 1} more" if moving[1:] else "")
+            + "; freeze everything but head/, or make it a 'train' phase"
+        )
 
 
 def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
@@ -510,7 +554,13 @@ def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
         txs[rule.label] = optimizer(plan.optimizer, c, lr_fn=at_update, wd_mult=rule.wd_mult)
     tx = _wrap(c, optax.multi_transform(txs, labels), trainable=trainable)
     table = groups_table(c, rules, owner, params, plan=plan, scheds=scheds, reset=not first)
-    return Phase(plan.name, plan.start, plan.end, tx, labels, trainable, lr_fns, table)
+    if plan.kind == "cached_probe":
+        table += (
+            "\ncached probe: the frozen backbone runs once over the train and eval splits "
+            "(eval crop, BatchNorm in inference mode, no augmentation); the head trains on "
+            "its cached features"
+        )
+    return Phase(plan.name, plan.start, plan.end, tx, labels, trainable, lr_fns, table, plan.kind)
 
 
 def _lr_at_update(lr_fn, *, start: int, every: int):

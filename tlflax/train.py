@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -23,6 +23,7 @@ from tlflax import (
     data,
     evaluate,
     experiment,
+    features,
     fs,
     losses,
     metrics_io,
@@ -86,20 +87,38 @@ def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_tra
 
 
 def _jit_train_step(config, run: Run, phase, shardings):
+    """The phase's jitted step: on images through the model ('train'), or on cached
+    features through the head alone ('cached_probe': no augmentation, label smoothing kept)."""
     model = run.spec.module
-    train_transform = data.augment.make_train_transform(
-        config.aug,
-        image_size=run.prep.resolution,
-        num_classes=run.spec.module.head.num_classes,
-        preprocessing=run.prep,
-    )
+    num_classes = model.head.num_classes
+    if phase.kind == "cached_probe":
+        smoothing = config.aug.label_smoothing
+
+        def apply_fn(variables, feats, *, train, bn_train, rngs):
+            del bn_train  # the head has no BatchNorm; the backbone's statistics stay
+            return features.head_logits(model, variables, feats, train=train, rngs=rngs)
+
+        def train_transform(rng, feats, labels):
+            del rng
+            return feats, data.augment.smooth_onehot(labels, num_classes, smoothing)
+
+        bn_train = False
+    else:
+        apply_fn = model.apply
+        train_transform = data.augment.make_train_transform(
+            config.aug,
+            image_size=run.prep.resolution,
+            num_classes=num_classes,
+            preprocessing=run.prep,
+        )
+        bn_train = config.train.bn_mode == "train"
     step_fn = make_train_step(
-        apply_fn=model.apply,
+        apply_fn=apply_fn,
         loss_fn=losses.softmax_xent,
         tx=phase.tx,
         train_transform=train_transform,
         trainable=phase.trainable,
-        bn_train=config.train.bn_mode == "train",
+        bn_train=bn_train,
     )
     batch_sh = sharding.batch_sharding(run.mesh)
     return jax.jit(
@@ -133,6 +152,16 @@ def make_eval_fn(run: Run, *, tta: str = ""):
     logits_fn = make_logits_fn(run, tta=tta)
     identity = lambda images: images  # logits_fn crops and normalises
     return jax.jit(evaluate.make_eval_step(model_apply=logits_fn, eval_transform=identity))
+
+
+def make_head_eval_fn(run: Run):
+    """jit(variables, batch of cached features) -> per-example outputs: the head alone."""
+    model = run.spec.module
+
+    def head_apply(variables, feats):
+        return features.head_logits(model, variables, feats, train=False)
+
+    return jax.jit(evaluate.make_eval_step(model_apply=head_apply, eval_transform=lambda x: x))
 
 
 def run_eval(eval_fn, st, run: Run, *, split=None):
@@ -251,7 +280,42 @@ class Loop:
     progress: metrics_io.Progress
     eval_fn: Callable
     every: Periodic
-    batches: Iterator  # one prefetching iterator for the run: no refill stall between epochs
+    images: ImageBatches  # the train split's batches, from the step a phase starts at
+    cache_dir: epath.Path  # where cached features live (config.data.cache_dir, else WORKDIR/cache)
+
+
+class ImageBatches:
+    """One prefetching iterator of train batches that phases hand on to each other (no
+    refill stall between epochs or at a switch), opened lazily at the step of the first
+    phase that reads images and reopened when a phase starts elsewhere (after a cached
+    probe, which reads none): the batch of step s is the same whether or not the run was
+    interrupted, and whatever ran before."""
+
+    def __init__(self, run: Run):
+        self.run, self._it, self._next = run, None, -1
+
+    def at(self, step: int) -> ImageBatches:
+        if self._it is None or self._next != step:
+            self.close()
+            self._it = data.prefetch_to_device(
+                train_batches(self.run.datasets.train, self.run, start_step=step),
+                2,
+                sharding.batch_sharding(self.run.mesh),
+            )
+            self._next = step
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self._next += 1
+        return next(self._it)
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # stops its prefetch thread
+            self._it = None
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -280,6 +344,7 @@ def train_and_evaluate(config, workdir) -> dict:
         raise
     finally:
         loop.progress.close()
+        loop.images.close()
     ckpt.wait()
     last = result.phases[-1].val if result.phases else None
     final = last or evaluate_state(config, loop.eval_fn, result.state, run)
@@ -303,9 +368,7 @@ def _start_distributed(train_config) -> None:
 
 def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
     primary = jax.process_index() == 0
-    batches = data.prefetch_to_device(
-        train_batches(run, start_step=start_step), 2, sharding.batch_sharding(run.mesh)
-    )
+    cache_dir = fs.path(config.data.cache_dir or str(workdir / "cache"), what="cache directory")
     return Loop(
         config=config,
         run=run,
@@ -319,7 +382,8 @@ def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
         ),
         eval_fn=make_eval_fn(run),
         every=Periodic.from_config(config.train, steps_per_epoch=run.steps_per_epoch),
-        batches=batches,
+        images=ImageBatches(run),
+        cache_dir=cache_dir,
     )
 
 
@@ -346,9 +410,13 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
     """Steps start_step..phase.end_step with their periodic actions, but the last save
     (train_phases makes it, after the hand-over); (state, the phase-end evaluation)."""
     train_step = _jit_train_step(loop.config, loop.run, phase, shardings)
+    if phase.kind == "cached_probe":
+        batches, evals = _cached_probe_inputs(loop, st, start_step=start_step)
+    else:
+        batches, evals = loop.images.at(start_step), Evals(loop.eval_fn, None)
     pending, t0, first, val = [], time.time(), start_step, None
     for step in range(start_step + 1, phase.end_step + 1):
-        st, metrics = train_step(st, next(loop.batches))
+        st, metrics = train_step(st, next(batches))
         pending.append(metrics)
         due = loop.every.due(step, phase_end=step == phase.end_step)
         if due.log:
@@ -362,16 +430,42 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
             )
             loop.progress.interval(step, phase=phase.name, scalars=scalars)
             pending, first = [], step
-        val = _evaluate(loop, st, step, phase) if due.eval else None
+        val = _evaluate(loop, st, step, phase, evals) if due.eval else None
         if due.save and step < phase.end_step:
             _save(loop, step, st, val)
         if not pending:  # the interval after a flush times training only, not eval / saves
             t0 = time.time()
+    if phase.kind == "cached_probe":
+        batches.close()
     return st, val
 
 
-def _evaluate(loop: Loop, st, step: int, phase) -> Scores:
-    scores = evaluate_state(loop.config, loop.eval_fn, st, loop.run)
+class Evals(NamedTuple):
+    """What a phase evaluates with: the eval function and its split (None: the eval split
+    of images)."""
+
+    fn: Callable
+    split: object
+
+
+def _cached_probe_inputs(loop: Loop, st, *, start_step: int):
+    """The frozen backbone's features of the train and eval splits (loaded, or extracted
+    once and saved), as batches from start_step on and as the head's evaluation. The
+    feature splits batch as the image splits do (the same examples and epoch orders), so
+    the head sees at each step what an in-loop probe without augmentation would."""
+    feats = features.cached_features(loop.run, st, config=loop.config, cache_dir=loop.cache_dir)
+    if feats.seconds:
+        loop.writer.write_scalars(start_step, {"features/extract_seconds": feats.seconds})
+    batches = data.prefetch_to_device(
+        train_batches(feats.train, loop.run, start_step=start_step),
+        2,
+        sharding.batch_sharding(loop.run.mesh),
+    )
+    return batches, Evals(make_head_eval_fn(loop.run), feats.eval)
+
+
+def _evaluate(loop: Loop, st, step: int, phase, evals: Evals) -> Scores:
+    scores = evaluate_state(loop.config, evals.fn, st, loop.run, split=evals.split)
     loop.writer.write_scalars(step, scores.scalars(epoch=step / loop.run.steps_per_epoch))
     loop.progress.evaluated(
         step,
@@ -417,11 +511,12 @@ def check_finite_state(st, step: int) -> None:
         )
 
 
-def train_batches(run: Run, *, start_step: int):
-    """Host batches from start_step on, epoch after epoch, without end."""
+def train_batches(split, run: Run, *, start_step: int):
+    """Host batches of a train split (images, or their cached features) from start_step on,
+    epoch after epoch, without end."""
     epoch, offset = divmod(start_step, run.steps_per_epoch)
     for e in itertools.count(epoch):
-        batches = run.datasets.train.iterate(
+        batches = split.iterate(
             global_batch=run.global_batch, epoch=e, shuffle=True, drop_remainder=True
         )
         # Resumed mid-epoch: an epoch's order depends only on (seed, epoch), so skip ahead.

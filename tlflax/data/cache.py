@@ -57,8 +57,9 @@ def _save_array(path: epath.Path, array: np.ndarray) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def load(path: epath.Path) -> CachedArrays | None:
-    """The entry at `path`, or None when there is none (or it is unreadable: rebuilt)."""
+def load(path: epath.Path, *, dtype=np.uint8, ndim: int = 4) -> CachedArrays | None:
+    """The entry at `path`, or None when there is none (or it is unreadable, or its arrays
+    are not `dtype` with `ndim` axes: rebuilt). Features are float32 (n, D)."""
     if not (path / "meta.json").is_file():
         return None
     try:
@@ -67,7 +68,7 @@ def load(path: epath.Path) -> CachedArrays | None:
         labels = _load_array(path / "labels.npy")
     except (OSError, ValueError):
         return None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
+    if images.dtype != dtype or images.ndim != ndim or len(images) != len(labels):
         return None
     return CachedArrays(images, labels.astype(np.int32), meta, path, "loaded")
 

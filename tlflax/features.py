@@ -1,0 +1,173 @@
+"""Pooled backbone features, computed once and cached: the light way to train a head.
+
+A `cached_probe` phase runs the frozen backbone (BatchNorm in inference mode, the eval
+crop and normalisation, the model's compute dtype) once over the train and eval splits,
+sharded over the mesh like any eval batch, and keeps the pooled features on every host as
+float32 arrays in splits that batch exactly as the image splits do (same epoch order), so
+a head trained on them sees what an in-loop linear probe sees, in the same order.
+
+Entries live beside the decoded images (config.data.cache_dir, else WORKDIR/cache) as
+features-<split>-<key>/{images,labels}.npy + meta.json, written aside and renamed (meta.json
+last on an object store) like the image cache, so a killed run never leaves an entry that
+is read. The key hashes everything the features depend on: the backbone's weights and
+statistics, the preprocessing and resolution, the model and its compute dtype, and the
+split's content (its pixels, or its source report when it streams).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from tlflax import data, sharding, state, tree
+from tlflax.data import cache
+
+log = logging.getLogger("tlflax")
+
+FEATURES_VERSION = 1
+
+
+@dataclasses.dataclass
+class FeatureSplits:
+    train: data.ArraySplit  # float32 (n, D) "images": batches exactly as the image split's
+    eval: data.ArraySplit
+    status: dict  # split -> 'built' | 'loaded'
+    seconds: float  # wall time spent extracting (0 when every entry was loaded)
+
+
+def make_features_fn(run):
+    """jit(variables, uint8 images (B, S, S, 3)) -> float32 (B, D) pooled features."""
+    eval_transform = data.augment.make_eval_transform(
+        image_size=run.prep.resolution, preprocessing=run.prep
+    )
+    model = run.spec.module
+
+    def features_fn(variables, images):
+        x = eval_transform(images)
+        feats = model.apply(variables, x, train=False, bn_train=False, method=model.features)
+        return feats.astype(np.float32)
+
+    return jax.jit(features_fn)
+
+
+def head_logits(model, variables, features, *, train: bool, rngs=None):
+    """The model's head alone on pooled features (what follows `features` in __call__)."""
+    return model.apply(
+        variables,
+        features,
+        train=train,
+        rngs=rngs,
+        method=lambda m, f, train: m.head(f, train=train),
+    )
+
+
+def extract(features_fn, variables, split, *, run) -> np.ndarray:
+    """(n, D) features of every example of `split`, in its order, on every host."""
+    batch_sh = sharding.batch_sharding(run.mesh)
+    batches = split.iterate(
+        global_batch=run.eval_batch, epoch=0, shuffle=False, drop_remainder=False
+    )
+    out = []
+    for b in data.prefetch_to_device(batches, 2, batch_sh):
+        feats = features_fn(variables, b["image"])
+        both = multihost_utils.process_allgather({"f": feats, "m": b["mask"]}, tiled=True)
+        out.append(np.asarray(both["f"])[np.asarray(both["m"]).astype(bool)])
+    return np.concatenate(out).astype(np.float32)
+
+
+def backbone_digest(variables) -> str:
+    """A hash of the frozen backbone's values (parameters and statistics)."""
+    if jax.process_count() > 1:  # parameters may be sharded over hosts
+        variables = multihost_utils.process_allgather(variables, tiled=True)
+    flat = tree.flatten(jax.device_get(tree.to_plain(variables)))
+    digest = hashlib.sha256()
+    for name in sorted(flat):
+        if name.split("/")[1] == "head":
+            continue  # the head is what trains on the features
+        array = np.ascontiguousarray(flat[name])
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def split_digest(split, report: dict) -> str:
+    """The split's content: its pixels and labels when in memory, else its source report
+    (without where its image cache lives or whether this run built it)."""
+    images = getattr(split, "images", None)
+    if images is None:
+        source = {k: v for k, v in report.items() if k != "cache"}
+        return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[
+            :32
+        ]
+    digest = hashlib.sha256()
+    digest.update(f"{images.dtype}:{images.shape}".encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
+    """The train and eval splits' features for the state's backbone: loaded when an entry
+    for the same key exists, else extracted (every host) and saved (process 0)."""
+    variables = state.variables_of(st)
+    common = {
+        "version": FEATURES_VERSION,
+        "backbone": backbone_digest(variables),
+        "model": config.model.name,
+        "overrides": dict(config.model.overrides),
+        "compute_dtype": config.model.compute_dtype,
+        "preprocessing": json.loads(run.prep.to_json()),
+    }
+    features_fn, splits, status, seconds = None, {}, {}, 0.0
+    reports = run.datasets.manifest.get("splits", {})
+    for role in ("train", "eval"):
+        split = getattr(run.datasets, role)
+        parts = {**common, "split": split_digest(split, reports.get(role, {}))}
+        key = cache.key_of(parts)
+        path = cache.entry_path(cache_dir, kind="features", name=role, key=key)
+        found = cache.load(path, dtype=np.float32, ndim=2)
+        if found is None or len(found.labels) != split.n_examples:
+            features_fn = features_fn or make_features_fn(run)
+            t0 = time.time()
+            feats = extract(features_fn, variables, split, run=run)
+            seconds += time.time() - t0
+            found = _save(path, feats, _labels(split), key=key, parts=parts)
+        status[role] = found.status
+        log.info("features of %s: %s %s (%s)", role, found.status, feats_shape(found), path)
+        splits[role] = data.ArraySplit(
+            found.images,
+            found.labels,
+            name=f"{split.name}-features",
+            seed=getattr(split, "seed", config.seed),  # the image split's epoch orders
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            names=getattr(split, "names", None),
+        )
+    return FeatureSplits(splits["train"], splits["eval"], status, seconds)
+
+
+def _labels(split) -> np.ndarray:
+    """Every label of a split, in its order (in memory, or from one pass of a stream)."""
+    labels = getattr(split, "labels", None)
+    if labels is not None:
+        return np.asarray(labels, np.int32)
+    batches = split.iterate(global_batch=256, epoch=0, shuffle=False, drop_remainder=False)
+    return np.concatenate([b["label"][b["mask"]] for b in batches]).astype(np.int32)
+
+
+def feats_shape(found) -> str:
+    return "x".join(str(d) for d in found.images.shape)
+
+
+def _save(path, feats, labels, *, key: str, parts: dict):
+    meta = {"kind": "features", "key": key, "shape": list(feats.shape), "depends_on": parts}
+    if jax.process_index() != 0:  # every host has them; one writes them
+        return cache.CachedArrays(feats, np.asarray(labels, np.int32), meta, path, "built")
+    return cache.save(path, images=feats, labels=np.asarray(labels), meta=meta)
