@@ -523,7 +523,8 @@ def _check_head_only(where: str, name: str, owner: dict[str, Rule], spec) -> Non
     if moving:
         raise ConfigError(
             f"{where}: phase {name} is a cached probe (the backbone runs once, frozen), but "
-            f"its groups train {moving[0]}" + (f" and {len(moving) - 1} more" if moving[1:] else "")
+            f"its groups train {moving[0]}"
+            + (f" and {len(moving) - 1} more" if moving[1:] else "")
             + "; freeze everything but head/, or make it a 'train' phase"
         )
 
