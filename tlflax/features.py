@@ -38,7 +38,6 @@ FEATURES_VERSION = 1
 class FeatureSplits:
     train: data.ArraySplit  # float32 (n, D) "images": batches exactly as the image split's
     eval: data.ArraySplit
-    status: dict  # split -> 'built' | 'loaded'
     seconds: float  # wall time spent extracting (0 when every entry was loaded)
 
 
@@ -102,10 +101,10 @@ def split_digest(split, report: dict) -> str:
     (without where its image cache lives or whether this run built it)."""
     images = getattr(split, "images", None)
     if images is None:
-        source = {k: v for k, v in report.items() if k != "cache"}
-        return hashlib.sha256(json.dumps(source, sort_keys=True, default=str).encode()).hexdigest()[
-            :32
-        ]
+        source = json.dumps(
+            {k: v for k, v in report.items() if k != "cache"}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(source.encode()).hexdigest()[:32]
     digest = hashlib.sha256()
     digest.update(f"{images.dtype}:{images.shape}".encode())
     digest.update(np.ascontiguousarray(images).tobytes())
@@ -125,7 +124,7 @@ def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
         "compute_dtype": config.model.compute_dtype,
         "preprocessing": json.loads(run.prep.to_json()),
     }
-    features_fn, splits, status, seconds = None, {}, {}, 0.0
+    features_fn, splits, seconds = None, {}, 0.0
     reports = run.datasets.manifest.get("splits", {})
     for role in ("train", "eval"):
         split = getattr(run.datasets, role)
@@ -139,7 +138,6 @@ def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
             feats = extract(features_fn, variables, split, run=run)
             seconds += time.time() - t0
             found = _save(path, feats, _labels(split), key=key, parts=parts)
-        status[role] = found.status
         log.info("features of %s: %s %s (%s)", role, found.status, feats_shape(found), path)
         splits[role] = data.ArraySplit(
             found.images,
@@ -150,7 +148,7 @@ def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
             process_count=jax.process_count(),
             names=getattr(split, "names", None),
         )
-    return FeatureSplits(splits["train"], splits["eval"], status, seconds)
+    return FeatureSplits(splits["train"], splits["eval"], seconds)
 
 
 def _labels(split) -> np.ndarray:

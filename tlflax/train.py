@@ -368,7 +368,6 @@ def _start_distributed(train_config) -> None:
 
 def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
     primary = jax.process_index() == 0
-    cache_dir = fs.path(config.data.cache_dir or str(workdir / "cache"), what="cache directory")
     return Loop(
         config=config,
         run=run,
@@ -383,7 +382,7 @@ def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
         eval_fn=make_eval_fn(run),
         every=Periodic.from_config(config.train, steps_per_epoch=run.steps_per_epoch),
         images=ImageBatches(run),
-        cache_dir=cache_dir,
+        cache_dir=data.datasets.cache_dir_of(config.data, workdir),
     )
 
 

@@ -56,7 +56,7 @@ def build_datasets(
         raise ValueError(
             f"build_datasets: need 0 < image_size <= resize, got {image_size}, {resize}"
         )
-    cache_dir = data_config.cache_dir or str(fs.path(workdir, what="workdir") / "cache")
+    cache_dir = str(cache_dir_of(data_config, workdir))
     hosts = dict(process_index=process_index, process_count=process_count)
     source = data_config.source
     if source == "tfds":
@@ -102,6 +102,12 @@ def write_manifest(workdir, manifest: dict) -> epath.Path:
 
 
 # ----------------------------------------------------------------------------- folder, digits
+
+
+def cache_dir_of(data_config, workdir):
+    """Where decoded images (and cached features) live: data.cache_dir, else WORKDIR/cache."""
+    return fs.path(data_config.cache_dir or str(fs.path(workdir, what="workdir") / "cache"),
+                   what="cache directory")  # fmt: skip
 
 
 def _folder_parts(config, *, resize: int, seed: int, cache_dir):
