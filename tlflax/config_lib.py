@@ -163,15 +163,24 @@ def _optim_config() -> ConfigDict:
     c.decay_rate = 0.1  # 'step': lr *= rate per interval; 'inverse_time': lr / (1 + rate * n)
     c.decay_every_steps = 0  # the interval of 'step' / 'inverse_time' (Keras `decay`: 1 step)
     c.decay_every_epochs = 0.0
-    c.strategy = "linear_probe"  # 'linear_probe' 'last_k' 'full' 'two_phase'; '': groups or phases
+    c.strategy = "linear_probe"  # 'linear_probe' 'last_k' 'full' 'two_phase' 'gradual'; ''
+    # (no strategy): `groups`, or a plan of `phases`
     # (regex, rule) pairs over parameter names, first full match wins; rule None (frozen) or a
     # dict with optional lr_mult, wd_mult (1.0), schedule (name or dict of the keys above), name.
     c.groups = ()
     # strategy '': a plan of phases written by hand instead of one `groups` phase: dicts with
     # groups (as above), steps or epochs, and optional name, lr, optimizer (default: lr, name),
-    # kind ('train', or 'cached_probe' for a head-only phase on cached features).
+    # kind ('train', or 'cached_probe' for a head-only phase on cached features), carry (None:
+    # carry_moments).
     c.phases = ()
-    c.k = 1  # last_k: stages >= n_stages - k train (plus the head)
+    c.k = 1  # last_k: stages >= n_stages - k train (plus the head); gradual: the last k
+    # gradual: the head alone, then one more stage from the top every unfreeze_steps / _epochs
+    # (fastai / ULMFiT), each stage a group of its own, until the last k train to the end.
+    c.unfreeze_steps = 0
+    c.unfreeze_epochs = 0.0
+    # At a phase switch, groups whose rule (leaves, optimizer, peak lr, wd_mult, schedule)
+    # does not change keep their optimizer state; False: every group starts fresh.
+    c.carry_moments = True
     c.lr_decay = "none"  # full / last_k: 'none' 'linear' 'exponential' 'layer_decay'
     c.lr_floor_mult = 1e-3  # 'linear': layer 0's lr_mult, up to 1 at the head (VGG16 seed)
     c.stage_divisor = 3.0  # 'exponential': lr / divisor per stage towards the input (ResNet seed)

@@ -384,11 +384,14 @@ def need_chosen_step(ckpt, workdir) -> int:
 
 
 def switch_phase(st: state.TrainState, phase, run: Run):
-    """(state, shardings) for the new phase: a fresh optimizer state, so that newly unfrozen
-    leaves start from zero moments."""
+    """(state, shardings) for the new phase: a fresh optimizer state (newly unfrozen leaves
+    start from zero moments) but for the groups whose rule is unchanged (phase.carried)."""
     shapes = jax.eval_shape(lambda: st.replace(opt_state=phase.tx.init(st.params)))
     shardings = sharding.param_shardings(shapes, run.mesh, min_size=run.shard_min_size)
     opt_state = jax.jit(phase.tx.init, out_shardings=shardings.opt_state)(st.params)
+    opt_state = optim.carry_state(
+        st.opt_state, opt_state, carried=phase.carried, carried_ema=phase.carried_ema
+    )
     return st.replace(opt_state=opt_state), shardings
 
 

@@ -45,6 +45,7 @@ FROZEN = "frozen"  # the label of every frozen leaf
 # is a schedule name or a dict of config.optim schedule keys (schedules.KEYS) to override.
 RULE_DEFAULTS = {"lr_mult": 1.0, "wd_mult": 1.0, "schedule": None, "name": ""}
 RESET_NOTE = "optimizer state is reset at this switch: newly trainable leaves start fresh"
+CARRY_NOTE = "optimizer state carried over at this switch for the groups whose rule is unchanged"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,10 @@ class Phase:
     lr_fns: dict[str, Callable]  # group label -> fn(global step) -> learning rate
     table: str  # which rule took which leaves, for the run log and `tlflax inspect`
     kind: str = "train"  # one of PHASE_KINDS
+    # At the switch into this phase: the group labels whose optimizer state (moments, update
+    # count) is carried over from the previous phase, and the leaves whose EMA is.
+    carried: tuple[str, ...] = ()
+    carried_ema: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,8 @@ def validate(c) -> None:
     _check_range("layer_decay", c.layer_decay, lo=0, hi=1, lo_open=True, hi_open=False)
     _check_range("stage_divisor", c.stage_divisor, lo=1)
     _check_range("k", c.k, lo=0)
+    _check_range("unfreeze_steps", c.unfreeze_steps, lo=0)
+    _check_range("unfreeze_epochs", c.unfreeze_epochs, lo=0)
     if int(c.accum_steps) != c.accum_steps or c.accum_steps < 1:
         raise ConfigError(f"config.optim.accum_steps must be an integer >= 1, got {c.accum_steps}")
     if c.moment_dtype and not jnp.issubdtype(jnp.dtype(c.moment_dtype), jnp.floating):
@@ -155,8 +162,11 @@ def _compile(pattern, *, where: str) -> re.Pattern:
 class PhaseSpec:
     """One phase as a strategy plans it, before the model or the data are known.
 
-    rules: a preset of strategy_groups ('linear_probe', 'last_k', 'full') or (regex, rule)
-    pairs; the duration is `steps`, else `epochs` (bound to steps once the data's size is).
+    rules: a preset of strategy_groups ('linear_probe', 'last_k', 'full', 'gradual'; `k`
+    stages for the last two, -1: config.optim.k) or (regex, rule) pairs; the duration is
+    `steps`, else `epochs` (bound to steps once the data's size is); with `until_end` those
+    are the run's length and the phase lasts from its start to there. `carry`: at the switch
+    into this phase, groups whose rule does not change keep their optimizer state.
     """
 
     name: str
@@ -168,6 +178,9 @@ class PhaseSpec:
     epochs: float = 0.0
     where: str = "config.train"  # the keys that set the duration, for errors
     kind: str = "train"  # one of PHASE_KINDS
+    k: int = -1
+    carry: bool = True
+    until_end: bool = False
 
     def bind(self, steps_per_epoch: int) -> int:
         """The duration in steps (>= 1)."""
@@ -229,8 +242,44 @@ def _two_phase(c, train_config) -> list[PhaseSpec]:
             c.lr_decay,
             *lengths["finetune"],
             where=where.format("finetune"),
+            carry=bool(c.carry_moments),
         ),
     ]
+
+
+def _gradual(c, train_config) -> list[PhaseSpec]:
+    """fastai / ULMFiT's gradual unfreezing: the head alone, then one more stage from the top
+    every unfreeze_steps / _epochs, up to the last k stages, which train to the run's end.
+    Each stage is its own group, so the groups trained before a switch keep their moments."""
+    if c.k < 1:
+        raise ConfigError("config.optim.strategy='gradual' needs k >= 1 (stages to unfreeze)")
+    every = (int(c.unfreeze_steps), float(c.unfreeze_epochs))
+    if not any(every) or all(every):
+        raise ConfigError(
+            "config.optim.strategy='gradual' needs one of unfreeze_steps or unfreeze_epochs "
+            f"> 0 (the time between two unfreezings), got {every[0]} and {every[1]}"
+        )
+    common = dict(optimizer=c.name, lr=c.lr, lr_decay=c.lr_decay, carry=bool(c.carry_moments))
+    where = "config.optim.unfreeze_steps / _epochs"
+    specs = [
+        PhaseSpec(
+            f"unfreeze{j}", "gradual", steps=every[0], epochs=every[1], where=where, k=j, **common
+        )
+        for j in range(int(c.k))
+    ]
+    steps, epochs = _run_length(train_config)
+    end = f"unfreeze{int(c.k)}"
+    last = PhaseSpec(
+        end,
+        "gradual",
+        steps=steps,
+        epochs=epochs,
+        where="config.train.steps / epochs",
+        k=int(c.k),
+        until_end=True,
+        **common,
+    )
+    return [*specs, last]
 
 
 PHASE_KEYS = {
@@ -241,6 +290,7 @@ PHASE_KEYS = {
     "lr": 0.0,
     "optimizer": "",
     "kind": "train",
+    "carry": None,  # None: config.optim.carry_moments
 }
 
 
@@ -275,6 +325,7 @@ def _by_hand(c, train_config) -> list[PhaseSpec]:
             float(p["epochs"]),
             where=where,
             kind=p["kind"],
+            carry=bool(c.carry_moments if p["carry"] is None else p["carry"]),
         )
         spec.bind(1)  # a duration must be given
         specs.append(spec)
@@ -289,6 +340,7 @@ STRATEGY_PLANS: dict[str, Callable[..., list[PhaseSpec]]] = {
     "last_k": _one_phase("last_k"),
     "full": _one_phase("full"),
     "two_phase": _two_phase,
+    "gradual": _gradual,
 }
 STRATEGIES = tuple(k for k in STRATEGY_PLANS if k)
 
@@ -303,7 +355,25 @@ def total_steps(optim_config, *, steps_per_epoch: int, train_config) -> int:
     """The run's length: the sum of its phases' durations."""
     validate(optim_config)
     specs = plan_phases(optim_config, train_config=train_config)
-    return sum(spec.bind(steps_per_epoch) for spec in specs)
+    return bind_phases(specs, steps_per_epoch)[-1][1]
+
+
+def bind_phases(specs: list[PhaseSpec], spe: int, *, check_only: bool = False) -> list[tuple]:
+    """[start, end) of each phase in steps, back to back from 0. check_only: no run length
+    is known yet (config.train absent), so an `until_end` phase gets one step."""
+    bounds, start = [], 0
+    for spec in specs:
+        end = spec.bind(spe) if spec.until_end else start + spec.bind(spe)
+        if spec.until_end and end <= start:
+            if not check_only:
+                raise ConfigError(
+                    f"{spec.where}: the run ends at step {end}, before its last phase "
+                    f"{spec.name} starts at step {start}; train longer, or unfreeze sooner"
+                )
+            end = start + 1
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 # ----------------------------------------------------------------------------- rules
@@ -392,15 +462,22 @@ def assign(rules: list[Rule], names: list[str], *, where: str) -> dict[str, Rule
 # ----------------------------------------------------------------------------- presets
 
 
-def strategy_groups(strategy: str, c, *, spec, names: list[str], lr_decay: str) -> tuple:
-    """The (regex, rule) pairs of a preset, for this model's parameter names."""
-    if strategy == "last_k" and c.k > spec.n_stages:
+def strategy_groups(
+    strategy: str, c, *, spec, names: list[str], lr_decay: str, k: int | None = None
+) -> tuple:
+    """The (regex, rule) pairs of a preset, for this model's parameter names; `k` (default
+    config.optim.k): the stages below the head that train for last_k and gradual."""
+    k = c.k if k is None else k
+    if strategy in ("last_k", "gradual") and c.k > spec.n_stages:
         raise ConfigError(
             f"config.optim.k={c.k} but {spec.name} has {spec.n_stages} stages below the head "
             f"(0 = stem ... {spec.n_stages - 1}); use k <= {spec.n_stages}"
         )
-    first = {"linear_probe": spec.n_stages, "last_k": spec.n_stages - c.k, "full": 0}[strategy]
+    first = {"linear_probe": spec.n_stages, "full": 0}.get(strategy, spec.n_stages - k)
     decay = "none" if strategy == "linear_probe" else lr_decay
+    # gradual: every stage is a group of its own, even without lr decay, so that the groups
+    # trained before an unfreezing keep their optimizer state (and update count) after it.
+    decay = "stage" if strategy == "gradual" and decay == "none" else decay
     by_group: dict[tuple, list[str]] = {}
     frozen = []
     for name in names:
@@ -408,7 +485,7 @@ def strategy_groups(strategy: str, c, *, spec, names: list[str], lr_decay: str) 
             frozen.append(name)
         else:
             by_group.setdefault(_group_of(name, c, spec=spec, decay=decay), []).append(name)
-    plain = {"linear_probe": "head", "last_k": "trainable", "full": "all"}[strategy]
+    plain = {"linear_probe": "head", "last_k": "trainable", "full": "all"}.get(strategy, "")
     groups = []
     for (_, label, mult), members in sorted(by_group.items()):
         rule = {"name": label or plain, "lr_mult": mult}
@@ -422,10 +499,11 @@ def _group_of(name: str, c, *, spec, decay: str) -> tuple[int, str, float]:
     """(depth, label, lr_mult) of a trainable leaf under a discriminative-lr rule."""
     if decay == "none":
         return 0, "", 1.0
-    if decay == "exponential":
+    if decay in ("exponential", "stage"):
         stage = spec.stage_of(name)
         label = "head" if stage == spec.n_stages else f"stage{stage}"
-        return stage, label, float(c.stage_divisor ** -(spec.n_stages - stage))
+        mult = c.stage_divisor ** -(spec.n_stages - stage) if decay == "exponential" else 1.0
+        return stage, label, float(mult)
     layer, top = spec.layer_of(name), spec.n_layers
     label = "head" if layer == top else f"layer{layer:02d}"
     if decay == "linear":  # lr_floor_mult at layer 0 up to 1 at the head
@@ -463,20 +541,51 @@ class _Plan:
     optimizer: str
     lr: float
     kind: str = "train"
+    carry: bool = True
 
 
 def make_phases(optim_config, *, train_config, params, spec, steps_per_epoch: int) -> list[Phase]:
     """The run's phases, back to back from step 0; `params` may be ShapeDtypeStructs.
 
-    At a switch the trainer builds the next phase's state with `tx.init(params)`.
+    At a switch the trainer builds the next phase's state with `tx.init(params)`, then puts
+    back the state of the groups in `Phase.carried` (carry_state).
     """
-    plans = _plans(
-        optim_config, train_config=train_config, spec=spec, params=params, spe=steps_per_epoch
-    )
-    return [
-        _build_phase(optim_config, plan, params=params, spe=steps_per_epoch, first=i == 0)
-        for i, plan in enumerate(plans)
-    ]
+    c = optim_config
+    plans = _plans(c, train_config=train_config, spec=spec, params=params, spe=steps_per_epoch)
+    names = tree.names(params)
+    phases, before, origins = [], {}, {}
+    for plan in plans:
+        now = _signatures(c, plan, names)
+        carried = tuple(g for g, sig in now.items() if plan.carry and before.get(g) == sig)
+        # A carried group's optimizer keeps counting its updates from where it started.
+        origins = {g: origins[g] if g in carried else plan.start for g in now}
+        prev = phases[-1] if phases else None
+        phases.append(
+            _build_phase(
+                c,
+                plan,
+                params=params,
+                spe=steps_per_epoch,
+                prev=prev,
+                origins=origins,
+                carried=carried,
+            )
+        )
+        before = now
+    return phases
+
+
+def _signatures(c, plan: _Plan, names: list[str]) -> dict[str, tuple]:
+    """group label -> what must not change for its optimizer state to carry over: its
+    leaves, optimizer, peak learning rate, weight-decay multiplier and schedule override."""
+    _, rules, owner = _owners(c, plan.name, plan.groups, names)
+    sigs = {}
+    for rule in rules:
+        members = frozenset(n for n, r in owner.items() if r is rule)
+        if members and not rule.frozen:
+            peak = plan.lr * rule.lr_mult
+            sigs[rule.label] = (members, plan.optimizer, peak, rule.wd_mult, repr(rule.schedule))
+    return sigs
 
 
 def check_groups(optim_config, *, params, spec) -> None:
@@ -491,19 +600,32 @@ def _plans(c, *, train_config, spec, params, spe: int) -> list[_Plan]:
     owners checked, then the durations bound back to back."""
     validate(c)
     names = tree.names(params)
-    plans, start = [], 0
-    for phase in plan_phases(c, train_config=train_config):
+    specs = plan_phases(c, train_config=train_config)
+    plans = []
+    for phase, (start, end) in zip(
+        specs, bind_phases(specs, spe, check_only=train_config is None), strict=True
+    ):
         groups = phase.rules
         if isinstance(groups, str):
-            groups = strategy_groups(groups, c, spec=spec, names=names, lr_decay=phase.lr_decay)
+            k = c.k if phase.k < 0 else phase.k
+            groups = strategy_groups(
+                groups, c, spec=spec, names=names, lr_decay=phase.lr_decay, k=k
+            )
         where, _, owner = _owners(c, phase.name, groups, names)
         if phase.kind == "cached_probe":
             _check_head_only(where, phase.name, owner, spec)
-        end = start + phase.bind(spe)
         plans.append(
-            _Plan(phase.name, start, end, tuple(groups), phase.optimizer, phase.lr, phase.kind)
+            _Plan(
+                phase.name,
+                start,
+                end,
+                tuple(groups),
+                phase.optimizer,
+                phase.lr,
+                phase.kind,
+                phase.carry,
+            )
         )
-        start = end
     return plans
 
 
@@ -529,7 +651,7 @@ def _check_head_only(where: str, name: str, owner: dict[str, Rule], spec) -> Non
         )
 
 
-def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
+def _build_phase(c, plan: _Plan, *, params, spe: int, prev, origins, carried) -> Phase:
     if plan.end <= plan.start:
         raise ConfigError(f"phase {plan.name}: steps {plan.start}..{plan.end} is empty")
     names = tree.names(params)
@@ -537,6 +659,39 @@ def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
     labels = tree.unflatten({n: owner[n].label for n in names})
     trainable = tree.unflatten({n: not owner[n].frozen for n in names})
     used = [r for r in rules if any(o is r for o in owner.values())]
+    txs, lr_fns, scheds = _group_transforms(c, plan, used, spe=spe, where=where, origins=origins)
+    tx = _wrap(c, optax.multi_transform(txs, labels), trainable=trainable)
+    carried_ema = ()
+    if prev is not None and plan.carry and c.ema_decay:
+        was = tree.flatten(prev.trainable)
+        carried_ema = tuple(n for n in names if was[n] and not owner[n].frozen)
+    switch = "" if prev is None else CARRY_NOTE if carried else RESET_NOTE
+    table = groups_table(c, rules, owner, params, plan=plan, scheds=scheds, switch=switch)
+    if carried:
+        table += f" ({', '.join(carried)}); the others start fresh"
+    if plan.kind == "cached_probe":
+        table += (
+            "\ncached probe: the frozen backbone runs once over the train and eval splits "
+            "(eval crop, BatchNorm in inference mode, no augmentation); the head trains on "
+            "its cached features"
+        )
+    return Phase(
+        plan.name,
+        plan.start,
+        plan.end,
+        tx,
+        labels,
+        trainable,
+        lr_fns,
+        table,
+        plan.kind,
+        carried,
+        carried_ema,
+    )
+
+
+def _group_transforms(c, plan: _Plan, used, *, spe: int, where: str, origins: dict):
+    """({label: optimizer}, {label: lr_fn}, {label: schedule}) of a phase's groups."""
     txs, lr_fns, scheds = {}, {}, {}
     for rule in used:
         if rule.frozen:
@@ -551,22 +706,16 @@ def _build_phase(c, plan: _Plan, *, params, spe: int, first: bool) -> Phase:
         )
         lr_fn = schedules.make_lr_fn(sched, peak_lr=plan.lr * rule.lr_mult, start_step=plan.start)
         lr_fns[rule.label], scheds[rule.label] = lr_fn, sched
-        at_update = _lr_at_update(lr_fn, start=plan.start, every=c.accum_steps)
+        origin = origins.get(rule.label, plan.start)
+        at_update = _lr_at_update(lr_fn, start=origin, every=c.accum_steps)
         txs[rule.label] = optimizer(plan.optimizer, c, lr_fn=at_update, wd_mult=rule.wd_mult)
-    tx = _wrap(c, optax.multi_transform(txs, labels), trainable=trainable)
-    table = groups_table(c, rules, owner, params, plan=plan, scheds=scheds, reset=not first)
-    if plan.kind == "cached_probe":
-        table += (
-            "\ncached probe: the frozen backbone runs once over the train and eval splits "
-            "(eval crop, BatchNorm in inference mode, no augmentation); the head trains on "
-            "its cached features"
-        )
-    return Phase(plan.name, plan.start, plan.end, tx, labels, trainable, lr_fns, table, plan.kind)
+    return txs, lr_fns, scheds
 
 
 def _lr_at_update(lr_fn, *, start: int, every: int):
-    # The optimizer counts its updates from 0 at its phase's start (fresh state at a switch),
-    # one per `every` batches; the schedule is a function of the trainer's global step.
+    # The optimizer counts its updates from 0 at `start`, one per `every` batches: its phase's
+    # start, or for a group carried over, the start of the phase it first trained in. The
+    # schedule is a function of the trainer's global step.
     return lambda count: lr_fn(start + count * every)
 
 
@@ -734,10 +883,49 @@ def ema_params(params, opt_state):
     return tree.unflatten(flat)
 
 
+def carry_state(old, new, *, carried, carried_ema):
+    """The next phase's fresh optimizer state `new`, with the state of the groups in `carried`
+    (their moments and update counts: multi_transform's inner_states[label]) and the EMA of
+    the leaves in `carried_ema` taken from the previous phase's state `old`; each taken leaf
+    placed like the fresh one it replaces."""
+    if not carried and not carried_ema:
+        return new
+    groups, ema = set(carried), set(carried_ema)
+    before = {
+        jax.tree_util.keystr(path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(old)[0]
+    }
+    leaves, structure = jax.tree_util.tree_flatten_with_path(new)
+    out = []
+    for path, leaf in leaves:
+        key = jax.tree_util.keystr(path)
+        if key in before and _carries(path, groups, ema):
+            kept = before[key]
+            if np.shape(kept) != np.shape(leaf) or kept.dtype != leaf.dtype:
+                raise ValueError(
+                    f"optimizer state {key}: {kept.shape} cannot carry to {leaf.shape}"
+                )
+            sharding = getattr(leaf, "sharding", None)
+            leaf = jax.device_put(kept, sharding) if sharding is not None else kept
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(structure, out)
+
+
+def _carries(path, groups: set, ema: set) -> bool:
+    names = [getattr(k, "name", None) for k in path]
+    if "inner_states" in names:  # multi_transform's {label: state}
+        i = names.index("inner_states")
+        return i + 1 < len(path) and getattr(path[i + 1], "key", None) in groups
+    if "ema" in names:  # EmaState.ema: the trainable leaves by name
+        rest = path[names.index("ema") + 1 :]
+        return "/".join(str(getattr(k, "key", k)) for k in rest) in ema
+    return False
+
+
 # ----------------------------------------------------------------------------- table
 
 
-def groups_table(c, rules, owner, params, *, plan: _Plan, scheds: dict, reset: bool) -> str:
+def groups_table(c, rules, owner, params, *, plan: _Plan, scheds: dict, switch: str) -> str:
     """One row per rule: regex, group, leaves and parameters taken, multipliers, schedule."""
     sizes = {n: int(np.prod(np.shape(x))) for n, x in tree.flatten(params).items()}
     header = "# regex group leaves params lr_mult wd_mult peak_lr schedule".split()
@@ -766,6 +954,6 @@ def groups_table(c, rules, owner, params, *, plan: _Plan, scheds: dict, reset: b
         f"steps {plan.start}..{plan.end}; trainable "
         f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f} %)"
     )
-    if reset:
-        lines.append(RESET_NOTE)
+    if switch:
+        lines.append(switch)
     return "\n".join(lines)
