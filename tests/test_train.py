@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlflax import config_lib, experiment, main, train
+from tlflax import config_lib, experiment, main, optim, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "tiny_config.py")
@@ -326,6 +326,28 @@ def test_one_device_and_eight_give_the_same_loss_curve(tmp_path):
         diff = max(abs(a[s] - other[s]) for s in a)
         assert diff <= 1e-4, (diff, a, other)
     assert a[20] < a[1]  # it learns, so the curves compared are not flat
+
+
+@pytest.mark.slow
+def test_accumulation_and_gradual_unfreezing_give_one_curve_on_every_mesh(tmp_path):
+    """optim.accum_steps=2 under gradual unfreezing (moments carried over two switches, each
+    stage's state sharded like its leaves) on 1 device, 8 on the data axis and 4 x 2."""
+    flags = ["--config.optim.strategy=gradual", "--config.optim.k=2"]
+    flags += ["--config.optim.unfreeze_steps=6", "--config.train.steps=16"]
+    flags += ["--config.optim.accum_steps=2", "--config.train.eval_every=16"]
+    one, eight, split = tmp_path / "one", tmp_path / "eight", tmp_path / "split"
+    _run(_train_cmd(one, *flags), n_devices=1)
+    _run(_train_cmd(eight, *flags), n_devices=8)
+    mesh = ["--config.train.mesh_model=2", "--config.train.shard_min_size=1024"]
+    _run(_train_cmd(split, *flags, *mesh), n_devices=8)
+    a, b, c = _train_losses(one), _train_losses(eight), _train_losses(split)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 17))
+    for other in (b, c):
+        diff = max(abs(a[s] - other[s]) for s in a)
+        assert diff <= 1e-4, (diff, a, other)
+    assert a[16] < a[1]
+    table = (one / "optimizer_groups.txt").read_text()
+    assert table.count(optim.CARRY_NOTE) == 2
 
 
 def _free_port() -> int:

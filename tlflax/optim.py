@@ -954,6 +954,12 @@ def groups_table(c, rules, owner, params, *, plan: _Plan, scheds: dict, switch: 
         f"steps {plan.start}..{plan.end}; trainable "
         f"{n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f} %)"
     )
+    left = (plan.end - plan.start) % c.accum_steps
+    if left:
+        lines.append(
+            f"accum_steps={c.accum_steps}: the last {left} batch(es) of this phase make no "
+            "update (its length is not a multiple of accum_steps)"
+        )
     if switch:
         lines.append(switch)
     return "\n".join(lines)

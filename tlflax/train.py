@@ -88,27 +88,15 @@ def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_tra
 
 def _jit_train_step(config, run: Run, phase, shardings):
     """The phase's jitted step: on images through the model ('train'), or on cached
-    features through the head alone ('cached_probe': no augmentation, label smoothing kept)."""
-    model = run.spec.module
-    num_classes = model.head.num_classes
+    features through the head alone ('cached_probe')."""
     if phase.kind == "cached_probe":
-        smoothing = config.aug.label_smoothing
-
-        def apply_fn(variables, feats, *, train, bn_train, rngs):
-            del bn_train  # the head has no BatchNorm; the backbone's statistics stay
-            return features.head_logits(model, variables, feats, train=train, rngs=rngs)
-
-        def train_transform(rng, feats, labels):
-            del rng
-            return feats, data.augment.smooth_onehot(labels, num_classes, smoothing)
-
-        bn_train = False
+        apply_fn, train_transform, bn_train = _head_step_parts(config, run)
     else:
-        apply_fn = model.apply
+        apply_fn = run.spec.module.apply
         train_transform = data.augment.make_train_transform(
             config.aug,
             image_size=run.prep.resolution,
-            num_classes=num_classes,
+            num_classes=run.spec.module.head.num_classes,
             preprocessing=run.prep,
         )
         bn_train = config.train.bn_mode == "train"
@@ -127,6 +115,23 @@ def _jit_train_step(config, run: Run, phase, shardings):
         out_shardings=(shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
     )
+
+
+def _head_step_parts(config, run: Run):
+    """(apply_fn, train_transform, bn_train) of a step on cached features: the head alone,
+    no augmentation, label smoothing kept."""
+    model = run.spec.module
+    num_classes, smoothing = model.head.num_classes, config.aug.label_smoothing
+
+    def apply_fn(variables, feats, *, train, bn_train, rngs):
+        del bn_train  # the head has no BatchNorm; the backbone's statistics stay
+        return features.head_logits(model, variables, feats, train=train, rngs=rngs)
+
+    def train_transform(rng, feats, labels):
+        del rng
+        return feats, data.augment.smooth_onehot(labels, num_classes, smoothing)
+
+    return apply_fn, train_transform, False
 
 
 def make_logits_fn(run: Run, *, tta: str = ""):
