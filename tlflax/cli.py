@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -12,6 +13,8 @@ from tlflax import (
     errors,
     evaluate,
     experiment,
+    features,
+    fewshot,
     fs,
     model_summary,
     optim,
@@ -59,11 +62,15 @@ def cmd_eval(flags, config_unused, positional) -> int:
     ckpt = experiment.open_checkpointer(config, workdir)
     step = experiment.need_chosen_step(ckpt, workdir)
     ckpt.close()
-    out = workdir / f"eval_{name}_step{step}{'_ema' if flags.ema else ''}"
+    shots = _shots(flags)
+    kind = "fewshot" if shots else "eval"
+    out = workdir / f"{kind}_{name}_step{step}{'_ema' if flags.ema else ''}"
     # The data report of this evaluation goes with its results; the run's own stays. The
     # data is read with the saved preprocessing: the weights source is never looked up.
     config, run = experiment.from_workdir(workdir, config=config, manifest_dir=out, with_data=True)
     st, step = _restored(config, run, workdir, ema=flags.ema, command="eval")
+    if shots:
+        return _eval_fewshot(config, run, st, workdir, out, shots=shots, seeds=flags.fewshot_seeds)
     result = train.run_eval(train.make_eval_fn(run, tta=_tta(flags)), st, run)
     evaluate.write_reports(result, out_dir=out, title=f"{config.model.name} step {step}")
     rows = [
@@ -76,6 +83,47 @@ def cmd_eval(flags, config_unused, positional) -> int:
     ]
     print(evaluate.format_table(rows, ["split", "step", "top1", "errors"]))
     print(f"reports in {out}")
+    return 0
+
+
+def _shots(flags) -> tuple[int, ...]:
+    if not flags.fewshot:
+        return ()
+    if flags.fewshot_seeds < 1:
+        raise errors.UserError(f"--fewshot_seeds={flags.fewshot_seeds}: give at least 1")
+    try:
+        return fewshot.parse_shots(flags.fewshot)
+    except ValueError as e:
+        raise errors.UserError(f"--fewshot: {e}") from None
+
+
+def _eval_fewshot(config, run, st, workdir, out, *, shots, seeds: int) -> int:
+    """k-shot ridge probes on the chosen checkpoint's pooled features (cached beside the
+    decoded images, so a second call runs no backbone pass)."""
+    feats = features.cached_features(
+        run, st, config=config, cache_dir=data.datasets.cache_dir_of(config.data, workdir)
+    )
+    results = fewshot.evaluate(
+        feats.train.images,
+        feats.train.labels,
+        feats.eval.images,
+        feats.eval.labels,
+        shots=shots,
+        seeds=seeds,
+        num_classes=run.spec.module.head.num_classes,
+    )
+    print(evaluate.format_table([r.row() for r in results], fewshot.COLUMNS))
+    report = {
+        "split": data.eval_split_name(config.data),
+        "n_train": int(len(feats.train.labels)),
+        "n_eval": int(len(feats.eval.labels)),
+        "seeds": seeds,
+        "classifier": "ridge on one-hot targets, L2 by leave-one-out error on the shots",
+        "results": [r.to_json() for r in results],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fewshot.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"few-shot results in {out / 'fewshot.json'}")
     return 0
 
 

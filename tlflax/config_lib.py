@@ -212,6 +212,11 @@ def _train_config() -> ConfigDict:
     # With optim.ema_decay > 0: the EMA weights' validation top-1 picks the checkpoint a run
     # stands for (best, keep_best, the test split, which is then evaluated on the EMA).
     c.select_ema = False
+    # k-shot ridge probes on the current backbone's pooled features at every evaluation of a
+    # training phase (fewshot/Kshot in the metrics; a backbone pass over the train and eval
+    # splits each time), e.g. (1, 5, 10); () off. tlflax eval --fewshot does it for a run.
+    c.fewshot_shots = ()
+    c.fewshot_seeds = 3
     c.async_checkpoints = True  # save in the background while training goes on
     c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
     c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)

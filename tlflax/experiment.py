@@ -132,6 +132,13 @@ def check_config(config, model: _Model, prep) -> None:
             "config.train.select_ema=True picks checkpoints by the EMA weights, but "
             "config.optim.ema_decay=0 keeps none; set ema_decay (e.g. 0.999) or select_ema=False"
         )
+    shots = tuple(config.train.fewshot_shots)
+    if shots and not all(isinstance(k, int) and k >= 1 for k in shots):
+        raise ConfigError(
+            f"config.train.fewshot_shots={shots!r}: give integers >= 1, e.g. (1, 5, 10)"
+        )
+    if shots and config.train.fewshot_seeds < 1:
+        raise ConfigError(f"config.train.fewshot_seeds={config.train.fewshot_seeds}: give >= 1")
     params = model.variables_shape(prep.resolution)["params"]
     optim.check_groups(config.optim, params=params, spec=model.spec)
 

@@ -137,7 +137,7 @@ def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
             t0 = time.time()
             feats = extract(features_fn, variables, split, run=run)
             seconds += time.time() - t0
-            found = _save(path, feats, _labels(split), key=key, parts=parts)
+            found = _save(path, feats, labels_of(split), key=key, parts=parts)
         log.info("features of %s: %s %s (%s)", role, found.status, feats_shape(found), path)
         splits[role] = data.ArraySplit(
             found.images,
@@ -151,7 +151,7 @@ def cached_features(run, st, *, config, cache_dir) -> FeatureSplits:
     return FeatureSplits(splits["train"], splits["eval"], seconds)
 
 
-def _labels(split) -> np.ndarray:
+def labels_of(split) -> np.ndarray:
     """Every label of a split, in its order (in memory, or from one pass of a stream)."""
     labels = getattr(split, "labels", None)
     if labels is not None:

@@ -28,12 +28,14 @@ COMMANDS = {
     ),
     "eval": (
         "Evaluate a run's best checkpoint (by validation top-1) on its validation split or "
-        "another one; reports go to DIR/eval_<split>_step<N>/.",
-        "--workdir DIR [--split NAME] [--tta T] [--ema]",
-        ("workdir", "split", "tta", "ema"),
+        "another one; reports go to DIR/eval_<split>_step<N>/. With --fewshot: k-shot ridge "
+        "probes on its pooled features instead (DIR/fewshot_<split>_step<N>/fewshot.json).",
+        "--workdir DIR [--split NAME] [--tta T] [--ema] [--fewshot 1,5,10 [--fewshot_seeds N]]",
+        ("workdir", "split", "tta", "ema", "fewshot", "fewshot_seeds"),
         (
             "tlflax eval --workdir runs/photos",
             "tlflax eval --workdir runs/photos --split test --ema",
+            "tlflax eval --workdir runs/photos --fewshot 1,5,10,25 --fewshot_seeds 5",
         ),
     ),
     "predict": (

@@ -1,7 +1,7 @@
 """The tlflax command line: train / eval / predict / inspect / export / config (`--help`).
 
 tlflax train   --config CONFIG[:ARGS] --workdir DIR [--config.key=value ...]
-tlflax eval    --workdir DIR [--split NAME] [--tta flip] [--ema]
+tlflax eval    --workdir DIR [--split NAME] [--tta flip] [--ema] [--fewshot 1,5,10]
 tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip] [--ema]
 tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
 tlflax export  --workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]
@@ -52,6 +52,13 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "export_dir", None, "export: output folder (default WORKDIR/export[_ema])", flag_values=FLAGS
 )
+flags.DEFINE_string(
+    "fewshot",
+    None,
+    "eval: k-shot ridge probes on the run's pooled features instead, e.g. 1,5,10,25",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer("fewshot_seeds", 5, "eval --fewshot: draws per k", flag_values=FLAGS)
 flags.DEFINE_bool(
     "ema", False, "eval, predict, export: the EMA weights (optim.ema_decay > 0)", flag_values=FLAGS
 )

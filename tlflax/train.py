@@ -24,6 +24,7 @@ from tlflax import (
     evaluate,
     experiment,
     features,
+    fewshot,
     fs,
     losses,
     metrics_io,
@@ -287,6 +288,7 @@ class Loop:
     every: Periodic
     images: ImageBatches  # the train split's batches, from the step a phase starts at
     cache_dir: epath.Path  # where cached features live (config.data.cache_dir, else WORKDIR/cache)
+    features_fn: Callable | None = None  # pooled features, for train.fewshot_shots (lazily)
 
 
 class ImageBatches:
@@ -479,7 +481,32 @@ def _evaluate(loop: Loop, st, step: int, phase, evals: Evals) -> Scores:
         ema_top1=None if scores.ema is None else scores.ema.top1,
         select_ema=loop.config.train.select_ema,
     )
+    if loop.config.train.fewshot_shots and phase.kind == "train":
+        _fewshot(loop, st, step)
     return scores
+
+
+def _fewshot(loop: Loop, st, step: int) -> None:
+    """train.fewshot_shots: k-shot ridge probes on the current backbone's features."""
+    run, variables = loop.run, state.variables_of(st)
+    loop.features_fn = loop.features_fn or features.make_features_fn(run)
+    splits = (run.datasets.train, run.datasets.eval)
+    (train_x, eval_x) = (features.extract(loop.features_fn, variables, s, run=run) for s in splits)
+    results = fewshot.evaluate(
+        train_x,
+        features.labels_of(splits[0]),
+        eval_x,
+        features.labels_of(splits[1]),
+        shots=tuple(loop.config.train.fewshot_shots),
+        seeds=loop.config.train.fewshot_seeds,
+        num_classes=run.spec.module.head.num_classes,
+    )
+    loop.writer.write_scalars(step, fewshot.scalars(results))
+    log.info(
+        "step %d few-shot top-1: %s",
+        step,
+        ", ".join(f"{r.shots}-shot {r.row()['top1']}" for r in results),
+    )
 
 
 def evaluate_state(config, eval_fn, st, run: Run, *, split=None) -> Scores:
