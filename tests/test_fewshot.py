@@ -23,12 +23,12 @@ def _brute_force(x, y, num_classes: int, lam: float):
         return kernel, my - mx @ kernel
 
     targets = np.eye(num_classes)[y]
-    press = 0.0
+    loo = np.zeros_like(targets)
     for i in range(len(x)):
         keep = np.arange(len(x)) != i
         kernel, bias = fit(x[keep], targets[keep])
-        press += float(np.sum((targets[i] - (x[i] @ kernel + bias)) ** 2))
-    return (*fit(x, targets), press)
+        loo[i] = x[i] @ kernel + bias
+    return (*fit(x, targets), float(np.sum((targets - loo) ** 2)), loo)
 
 
 @pytest.mark.parametrize("n, d", [(30, 50), (80, 12)])  # fewer examples than features, and more
@@ -38,7 +38,8 @@ def test_ridge_and_its_leave_one_out_error_match_refitting_without_each_example(
     scale = float(np.mean(np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2))
     for rel in (1e-3, 0.1, 10.0):
         ridge = fewshot.fit_ridge(x, y, 4, lambdas=(rel,))
-        kernel, bias, press = _brute_force(x, y, 4, rel * scale)
+        kernel, bias, press, loo = _brute_force(x, y, 4, rel * scale)
+        np.testing.assert_allclose(ridge.loo, loo, atol=1e-9)
         np.testing.assert_allclose(ridge.kernel, kernel, atol=1e-9)
         np.testing.assert_allclose(ridge.bias, bias, atol=1e-9)
         assert ridge.press == pytest.approx(press, rel=1e-9)
@@ -174,4 +175,56 @@ def test_bad_fewshot_shots_in_a_config_are_refused(tmp_path):
     config = _config()
     config.train.fewshot_shots = (0, 5)
     with pytest.raises(ConfigError, match="fewshot_shots"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+# ----------------------------------------------------------------------------- ridge head
+
+
+def test_a_ridge_head_is_the_closed_form_fit_of_the_cached_train_features(tmp_path):
+    """weights.head_init='ridge': at step 0 the head is fewshot.linear_head of the frozen
+    backbone's cached train features; an lr of 1e-9 keeps it there for one step."""
+    import orbax.checkpoint as ocp
+
+    from tlflax import tree
+    from tlflax.data import cache
+
+    config = _config(
+        **{
+            "aug.flip": False,  # the first batch as the features saw it: the eval crop
+            "optim.strategy": "linear_probe",
+            "optim.lr": 1e-9,
+            "train.steps": 1,
+            "train.eval_every": 1,
+            "train.checkpoint_every": 1,
+            "train.log_every": 1,
+        }
+    )
+    config.weights.head_init = "ridge"
+    summary = train.train_and_evaluate(config, tmp_path)
+    (entry,) = (tmp_path / "cache").glob("features-train-*")
+    found = cache.load(entry, dtype=np.float32, ndim=2)
+    kernel, bias, info = fewshot.linear_head(found.images, found.labels, 10)
+    assert info["train_top1"] > 0.3  # a random resnet_tiny's features still separate digits
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / "1" / "state")
+    head = tree.flatten(saved["params"])
+    np.testing.assert_allclose(head["head/out/kernel"], kernel, atol=1e-5)
+    np.testing.assert_allclose(head["head/out/bias"], bias, atol=1e-5)
+    history = metrics_io.read_history(tmp_path)
+    (first,) = [h["train/loss"] for h in history if "train/loss" in h]
+    assert first < np.log(10) - 0.3  # the zero head's first loss is log(10) exactly
+    (entry,) = (tmp_path / "cache").glob("features-eval-*")
+    val = cache.load(entry, dtype=np.float32, ndim=2)
+    ridge_top1 = np.mean(np.argmax(val.images @ kernel + bias, -1) == val.labels)
+    assert summary["final"]["val/top1"] == pytest.approx(ridge_top1, abs=1.5 / len(val.labels))
+
+
+def test_a_ridge_head_needs_a_linear_head(tmp_path):
+    config = _config()
+    config.weights.head_init = "ridge"
+    config.model.head_hidden = 32
+    with pytest.raises(ConfigError, match="fits a linear head"):
+        train.train_and_evaluate(config, tmp_path)
+    config.weights.head_init = "lstsq"
+    with pytest.raises(ConfigError, match="head_init"):
         train.train_and_evaluate(config, tmp_path)

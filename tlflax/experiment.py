@@ -19,9 +19,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
-from tlflax import checkpointing, config_lib, data, optim, sharding, state
+from tlflax import checkpointing, config_lib, data, features, fewshot, optim, sharding, state, tree
 from tlflax import preprocessing as pp
 from tlflax import weights as weights_lib
 from tlflax.errors import ConfigError, UserError
@@ -30,6 +31,7 @@ from tlflax.models import create_model
 log = logging.getLogger("tlflax")
 
 BN_MODES = ("frozen", "train")
+HEAD_INITS = ("init", "ridge")  # config.weights.head_init
 RECORD = ("config.json", "preprocessing.json", "classes.json", "run.json")
 
 
@@ -127,6 +129,15 @@ def check_config(config, model: _Model, prep) -> None:
     """What can be checked from the config and the model alone."""
     if config.train.bn_mode not in BN_MODES:
         raise ConfigError(f"config.train.bn_mode={config.train.bn_mode!r}; use one of {BN_MODES}")
+    if config.weights.head_init not in HEAD_INITS:
+        raise ConfigError(
+            f"config.weights.head_init={config.weights.head_init!r}; use one of {HEAD_INITS}"
+        )
+    if config.weights.head_init == "ridge" and config.model.head_hidden:
+        raise ConfigError(
+            "config.weights.head_init='ridge' fits a linear head, but config.model.head_hidden="
+            f"{config.model.head_hidden} adds a hidden layer; set head_hidden=0 or head_init='init'"
+        )
     if config.train.select_ema and not config.optim.ema_decay:
         raise ConfigError(
             "config.train.select_ema=True picks checkpoints by the EMA weights, but "
@@ -326,8 +337,9 @@ def restore(run: Run, ckpt: checkpointing.Checkpointer, step: int) -> state.Trai
     return ckpt.restore(step, abstract_state=abstract)
 
 
-def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
-    """Resume order: a checkpoint in the workdir wins; pretrained weights only at step 0."""
+def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer, *, cache_dir):
+    """Resume order: a checkpoint in the workdir wins; pretrained weights (and with
+    weights.head_init='ridge', the closed-form head) only at step 0."""
     latest = ckpt.latest_step()
     phase = run.phases[phase_at(run.phases, latest or 0)]
     abstract, shardings = abstract_state(run, phase)
@@ -335,7 +347,34 @@ def init_or_restore(config, run: Run, ckpt: checkpointing.Checkpointer):
         log.info("resuming from the checkpoint at step %d in %s", latest, ckpt.directory)
         return ckpt.restore(latest, abstract_state=abstract), shardings
     variables = initial_variables(config, run)
-    return create_state(variables, tx=phase.tx, seed=config.seed, shardings=shardings), shardings
+    st = create_state(variables, tx=phase.tx, seed=config.seed, shardings=shardings)
+    if config.weights.head_init == "ridge":
+        st = ridge_head(config, run, st, cache_dir=cache_dir)
+    return st, shardings
+
+
+def ridge_head(config, run: Run, st: state.TrainState, *, cache_dir) -> state.TrainState:
+    """The state with its head's output layer fitted in closed form to the frozen backbone's
+    cached features of the train split (fewshot.linear_head), placed like the old one."""
+    feats = features.cached_features(run, st, config=config, cache_dir=cache_dir)
+    kernel, bias, info = fewshot.linear_head(
+        feats.train.images, feats.train.labels, run.spec.module.head.num_classes
+    )
+    log.info(
+        "head: ridge on the cached features of %d training images (lambda %.3g and logits "
+        "x %.3g by leave-one-out), top-1 %.2f %% on them, %.2f %% left out",
+        info["n"],
+        info["lambda"],
+        info["temperature"],
+        100 * info["train_top1"],
+        100 * info["loo_top1"],
+    )
+    flat = tree.flatten(st.params)
+    for name, value in (("head/out/kernel", kernel), ("head/out/bias", bias)):
+        old = flat[name]
+        value = np.asarray(value, old.dtype)
+        flat[name] = jax.make_array_from_callback(old.shape, old.sharding, lambda i, v=value: v[i])
+    return st.replace(params=tree.unflatten(flat))
 
 
 def open_checkpointer(config, workdir: epath.Path) -> checkpointing.Checkpointer:

@@ -38,6 +38,7 @@ class Ridge:
     bias: np.ndarray  # (C,)
     lam: float  # the chosen regulariser, relative to the mean squared singular value
     press: float  # its leave-one-out squared error
+    loo: np.ndarray  # (n, C): each training example's outputs from the fit without it
 
     def predict(self, x) -> np.ndarray:
         return np.argmax(np.asarray(x, np.float64) @ self.kernel + self.bias, axis=-1)
@@ -62,12 +63,44 @@ def fit_ridge(x, labels, num_classes: int, *, lambdas: Sequence[float] = LAMBDAS
         shrink = s2 / (s2 + rel * scale)
         fitted = my + u @ (shrink[:, None] * uty)
         leverage = 1.0 / len(x) + (u**2) @ shrink
-        press = float(np.sum(((y - fitted) / np.maximum(1.0 - leverage, 1e-12)[:, None]) ** 2))
+        residual = (y - fitted) / np.maximum(1.0 - leverage, 1e-12)[:, None]
+        press = float(np.sum(residual**2))
         if best is None or press < best[1]:
-            best = (rel, press)
-    rel, press = best
+            best = (rel, press, y - residual)
+    rel, press, loo = best
     kernel = vt.T @ ((s / (s2 + rel * scale))[:, None] * uty)
-    return Ridge(kernel, my - mx @ kernel, rel, press)
+    return Ridge(kernel, my - mx @ kernel, rel, press, loo)
+
+
+TEMPERATURES = tuple(float(t) for t in np.geomspace(1.0, 1000.0, 61))
+
+
+def linear_head(x, labels, num_classes: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(kernel (D, C), bias (C,), info) of a closed-form linear head on features `x`: the
+    ridge fit, its logits scaled by the temperature of least leave-one-out cross-entropy
+    (ridge outputs regress one-hot targets, so their raw scale is far too flat for softmax;
+    the training fit itself is often perfect, so its own loss would pick no finite scale)."""
+    labels = np.asarray(labels)
+    ridge = fit_ridge(x, labels, num_classes)
+    rows = np.arange(len(labels))
+    best = None
+    for t in TEMPERATURES:
+        z = t * ridge.loo
+        z = z - z.max(-1, keepdims=True)
+        xent = float(np.mean(np.log(np.exp(z).sum(-1)) - z[rows, labels]))
+        if best is None or xent < best[1]:
+            best = (t, xent)
+    t, xent = best
+    logits = np.asarray(x, np.float64) @ ridge.kernel + ridge.bias
+    info = {
+        "lambda": ridge.lam,
+        "temperature": t,
+        "loo_xent": xent,
+        "loo_top1": float(np.mean(np.argmax(ridge.loo, -1) == labels)),
+        "train_top1": float(np.mean(np.argmax(logits, -1) == labels)),
+        "n": int(len(labels)),
+    }
+    return t * ridge.kernel, t * ridge.bias, info
 
 
 @dataclasses.dataclass(frozen=True)

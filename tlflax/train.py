@@ -337,7 +337,8 @@ def train_and_evaluate(config, workdir) -> dict:
             "phase %s, steps %d..%d\n%s", phase.name, phase.start_step, phase.end_step, phase.table
         )
     ckpt = experiment.open_checkpointer(config, workdir)
-    st, shardings = experiment.init_or_restore(config, run, ckpt)
+    cache_dir = data.datasets.cache_dir_of(config.data, workdir)
+    st, shardings = experiment.init_or_restore(config, run, ckpt, cache_dir=cache_dir)
     experiment.log_layout(run, st.params, shardings.params)
     loop = _open_loop(config, run, ckpt, workdir, start_step=int(jax.device_get(st.step)))
     try:
