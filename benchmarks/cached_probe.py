@@ -13,7 +13,10 @@ through train.train_and_evaluate in this process, all runs sharing one decoded-i
 - cached_cold: optim.probe='cached', no features on disk: one backbone pass over the train
   and test images, then the head's steps on the features;
 - cached_warm: the same again, the features read back from the cache (another learning
-  rate, as in a sweep over the head's settings).
+  rate, as in a sweep over the head's settings);
+- cached_views4: with configs/folder.py's augmentation, optim.probe_views=4: the eval crop
+  and 3 augmented views of each training image cached (four backbone passes), epoch e on
+  view e mod 4: the in-loop augmented probe's counterpart.
 
 Reported per run: wall time of the whole run (model build, steps, evaluations, checkpoints,
 reports), the backbone extraction's share, test top-1 and errors. in_loop and the cached
@@ -39,6 +42,7 @@ RUNS = {
     "in_loop": ("aug=false", {}),
     "cached_cold": ("aug=false", {"optim.probe": "cached"}),
     "cached_warm": ("aug=false", {"optim.probe": "cached", "optim.lr": 2e-3}),
+    "cached_views4": ("aug=true", {"optim.probe": "cached", "optim.probe_views": 4}),
 }
 
 

@@ -4,13 +4,15 @@ probe learns without augmentation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from tlflax import config_lib, features, train, tree
+from tlflax import config_lib, features, state, train, tree
 from tlflax.errors import ConfigError
 
 
@@ -157,3 +159,72 @@ def test_a_hand_written_cached_phase_may_train_the_head_only(tmp_path):
     summary = train.train_and_evaluate(config, tmp_path / "w")
     assert [r["strategy"] for r in summary["phases"]] == ["probe", "top"]
     assert len(_entries(tmp_path / "cache")) == 2
+
+
+# ----------------------------------------------------------------------------- views
+
+
+def test_augmented_views_are_cached_once_each_and_epoch_e_reads_view_e_mod_k(tmp_path, monkeypatch):
+    """optim.probe_views=3: the eval crop and two views under config.aug (flip, rotation),
+    each its own entry; epoch e batches view e mod 3 in the image split's epoch-e order; a
+    view does not depend on the batch size it was extracted with."""
+    from tlflax import data, experiment
+
+    cache = tmp_path / "cache"
+    values = {
+        "optim.strategy": "linear_probe",
+        "optim.probe": "cached",
+        "optim.probe_views": 3,
+        "aug.flip": True,
+        "aug.rotation": 15.0,
+        "train.steps": 3,
+    }
+    config = _config(cache, **values)
+    run = experiment.from_config(config, tmp_path / "w")
+    ckpt = experiment.open_checkpointer(config, tmp_path / "w")
+    st, _ = experiment.init_or_restore(config, run, ckpt, cache_dir=cache)
+    ckpt.close()
+    feats = features.cached_features(run, st, config=config, cache_dir=cache)
+    assert isinstance(feats.train, features.ViewSplit) and len(feats.train.views) == 3
+    assert [e.split("-")[1] for e in _entries(cache)] == ["eval", "train", "train1", "train2"]
+    v0, v1, v2 = (v.images for v in feats.train.views)
+    assert not np.allclose(v0, v1) and not np.allclose(v1, v2)
+    np.testing.assert_array_equal(feats.train.labels, run.datasets.train.labels)
+
+    def first(split, epoch):
+        batches = split.iterate(global_batch=16, epoch=epoch, shuffle=True, drop_remainder=True)
+        return next(iter(batches))
+
+    for epoch in (0, 1, 2, 4):
+        got, view = first(feats.train, epoch), feats.train.views[epoch % 3]
+        np.testing.assert_array_equal(got["image"], first(view, epoch)["image"])
+        np.testing.assert_array_equal(got["label"], first(run.datasets.train, epoch)["label"])
+    # The same view from batches of another size: each example's key is its own.
+    key = jax.random.fold_in(jax.random.key(config.seed), features.VIEW_STREAM + 1)
+    fn = features.make_view_features_fn(run, config.aug)
+    other = dataclasses.replace(run, eval_batch=40)
+    again = features.extract(
+        fn, state.variables_of(st), run.datasets.train, run=other, view_key=key
+    )
+    np.testing.assert_allclose(again, v1, rtol=1e-5, atol=1e-6)
+    assert isinstance(run.datasets.train, data.ArraySplit)
+
+    def no_backbone_pass(*args, **kwargs):
+        raise AssertionError("a cached view was extracted again")
+
+    monkeypatch.setattr(features, "extract", no_backbone_pass)
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert summary["steps"] == 3 and len(_entries(cache)) == 4
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optim.strategy": "full", "optim.probe_views": 2}, "this plan has none"),
+        ({"optim.probe": "cached", "optim.probe_views": 2, "aug.mixup_alpha": 0.2}, "mixup"),
+        ({"optim.probe": "cached", "optim.probe_views": 0}, "probe_views must be"),
+    ],
+)
+def test_views_where_they_cannot_be_cached_are_refused(tmp_path, values, message):
+    with pytest.raises(ConfigError, match=message):
+        train.train_and_evaluate(_config(tmp_path / "cache", **values), tmp_path / "w")

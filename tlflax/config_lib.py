@@ -194,6 +194,10 @@ def _optim_config() -> ConfigDict:
     # (with augmentation); 'cached' runs it once over the data and trains the head on the
     # cached features (tlflax/features.py: seconds instead of minutes; no augmentation).
     c.probe = "in_loop"
+    # The cached probe's views of each training image: 1, the eval crop; K > 1, also K - 1
+    # views under config.aug (per-example geometry and colour, no mixup / cutmix), each cached
+    # once; epoch e of the probe trains on view e mod K.
+    c.probe_views = 1
     c.probe_steps = 0  # two_phase: phase 1, the linear probe (seeds: 16 epochs)
     c.probe_epochs = 0.0
     c.finetune_steps = 0  # two_phase: phase 2, fine-tuning (seeds: 8 epochs)

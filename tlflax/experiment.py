@@ -138,6 +138,12 @@ def check_config(config, model: _Model, prep) -> None:
             "config.weights.head_init='ridge' fits a linear head, but config.model.head_hidden="
             f"{config.model.head_hidden} adds a hidden layer; set head_hidden=0 or head_init='init'"
         )
+    if config.optim.probe_views > 1 and (config.aug.mixup_alpha or config.aug.cutmix_alpha):
+        raise ConfigError(
+            f"config.optim.probe_views={config.optim.probe_views} caches each training image's "
+            "augmented views alone, but mixup / cutmix mix images (aug.mixup_alpha, "
+            "cutmix_alpha); set them to 0 or probe_views=1"
+        )
     if config.train.select_ema and not config.optim.ema_decay:
         raise ConfigError(
             "config.train.select_ema=True picks checkpoints by the EMA weights, but "

@@ -132,7 +132,15 @@ def validate(c) -> None:
     for pattern in c.no_decay:
         _compile(pattern, where="config.optim.no_decay")
     # The plan's own checks (durations, phase dicts); rules need the model (check_groups).
-    plan_phases(c, train_config=None)
+    specs = plan_phases(c, train_config=None)
+    if int(c.probe_views) != c.probe_views or c.probe_views < 1:
+        raise ConfigError(f"config.optim.probe_views must be an integer >= 1, got {c.probe_views}")
+    if c.probe_views > 1 and not any(s.kind == "cached_probe" for s in specs):
+        raise ConfigError(
+            f"config.optim.probe_views={c.probe_views} caches augmented views for a cached "
+            "probe, but this plan has none; set optim.probe='cached' (or a phase of kind "
+            "'cached_probe'), or probe_views=1"
+        )
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -669,6 +677,8 @@ def _build_phase(c, plan: _Plan, *, params, spe: int, prev, origins, carried) ->
     table = groups_table(c, rules, owner, params, plan=plan, scheds=scheds, switch=switch)
     if carried:
         table += f" ({', '.join(carried)}); the others start fresh"
+    if carried_ema:
+        table += f"\nthe EMA of the {len(carried_ema)} leaves trainable before carries over"
     if plan.kind == "cached_probe":
         table += (
             "\ncached probe: the frozen backbone runs once over the train and eval splits "

@@ -201,8 +201,28 @@ def _require(condition: bool, message: str) -> None:
 def make_train_transform(aug_config, *, image_size: int, num_classes: int, preprocessing):
     """fn(rng, images uint8 (B, S, S, 3), labels int (B,)) -> (float32 images, (B, K) targets)."""
     settings = AugSettings.from_config(aug_config)
-    normalise = _normaliser(preprocessing)
+    one_example = make_example_transform(
+        aug_config, image_size=image_size, preprocessing=preprocessing
+    )
 
+    def transform(rng, images, labels):
+        _check_stored_size(images.shape, image_size)
+        k_examples, k_mix = jax.random.split(rng)
+        keys = jax.random.split(k_examples, images.shape[0])
+        x = jax.vmap(one_example)(keys, images)
+        targets = smooth_onehot(labels, num_classes, settings.label_smoothing)
+        if settings.mixup_alpha > 0 or settings.cutmix_alpha > 0:
+            x, targets = _mix(k_mix, x, targets, settings)
+        return x, targets
+
+    return transform
+
+
+def make_example_transform(aug_config, *, image_size: int, preprocessing):
+    """fn(rng, image uint8 (S, S, 3)) -> float32 (image_size, image_size, 3): one example's
+    geometry, policy, colour and erasing (what mixes examples, mixup / cutmix, is not here)."""
+    settings = AugSettings.from_config(aug_config)
+    normalise = _normaliser(preprocessing)
     policy_fn = make_policy(settings, image_size)
 
     def one_example(rng, image):
@@ -217,17 +237,7 @@ def make_train_transform(aug_config, *, image_size: int, num_classes: int, prepr
             x = random_erase(k_erase, x, settings)
         return x
 
-    def transform(rng, images, labels):
-        _check_stored_size(images.shape, image_size)
-        k_examples, k_mix = jax.random.split(rng)
-        keys = jax.random.split(k_examples, images.shape[0])
-        x = jax.vmap(one_example)(keys, images)
-        targets = smooth_onehot(labels, num_classes, settings.label_smoothing)
-        if settings.mixup_alpha > 0 or settings.cutmix_alpha > 0:
-            x, targets = _mix(k_mix, x, targets, settings)
-        return x, targets
-
-    return transform
+    return one_example
 
 
 def make_eval_transform(*, image_size: int, preprocessing):
