@@ -178,7 +178,7 @@ def _optim_config() -> ConfigDict:
     # kind ('train', or 'cached_probe' for a head-only phase on cached features), carry (None:
     # carry_moments).
     c.phases = ()
-    c.k = 1  # last_k: stages >= n_stages - k train (plus the head); gradual: the last k
+    c.k = 1  # last_k: stages >= n_stages - k train (plus the head)
     # gradual: the head alone, then one more stage from the top every unfreeze_steps / _epochs
     # (fastai / ULMFiT), each stage a group of its own, until the last k train to the end.
     c.unfreeze_steps = 0
@@ -225,7 +225,7 @@ def _train_config() -> ConfigDict:
     # training phase (fewshot/Kshot in the metrics; a backbone pass over the train and eval
     # splits each time), e.g. (1, 5, 10); () off. tlflax eval --fewshot does it for a run.
     c.fewshot_shots = ()
-    c.fewshot_seeds = 3
+    c.fewshot_seeds = 3  # draws per k (the mean and std are over them)
     c.async_checkpoints = True  # save in the background while training goes on
     c.mesh_data = -1  # devices on the data-parallel axis (-1: all that remain)
     c.mesh_model = 1  # devices on the parameter-sharding axis (large ViTs)
