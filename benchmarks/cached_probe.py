@@ -19,7 +19,9 @@ through train.train_and_evaluate in this process, all runs sharing one decoded-i
   view e mod 4: the in-loop augmented probe's counterpart.
 
 Reported per run: wall time of the whole run (model build, steps, evaluations, checkpoints,
-reports), the backbone extraction's share, test top-1 and errors. in_loop and the cached
+reports), of its probe phase alone (from its start, feature extraction or loading included,
+to its last checkpoint: what the phase kind changes), the backbone extraction's share,
+test top-1 and errors. in_loop and the cached
 runs see the same features in the same order, so their accuracies agree to float error.
 Prints a table, then one JSON line starting with 'RESULT '.
 """
@@ -73,6 +75,7 @@ def run_one(name: str, **kwargs) -> dict:
     return {
         "run": name,
         "wall_s": round(wall, 1),
+        "phase_s": summary["phases"][0]["seconds"],
         "extract_s": round(extract, 1),
         "steps": summary["steps"],
         "top1": final["val/top1"],
@@ -110,13 +113,15 @@ def main(argv=None) -> int:
     )
     decode_s = warm_the_image_cache(**common)
     results = [run_one(name, **common) for name in args.runs.split(",")]
-    base = {r["run"]: r["wall_s"] for r in results}.get("in_loop")
-    print(f"\n{'run':<12} {'steps':>5} {'wall s':>7} {'extract s':>9} {'vs in_loop':>10} "
-          f"{'test top-1':>10} {'errors':>7}")  # fmt: skip
+    base = {r["run"]: r for r in results}.get("in_loop")
+    print(f"\n{'run':<13} {'steps':>5} {'wall s':>7} {'vs in_loop':>10} {'phase s':>8} "
+          f"{'vs in_loop':>10} {'extract s':>9} {'test top-1':>10} {'errors':>7}")  # fmt: skip
     for r in results:
-        speed = f"{base / r['wall_s']:.1f}x" if base else "-"
-        print(f"{r['run']:<12} {r['steps']:>5} {r['wall_s']:>7} {r['extract_s']:>9} "
-              f"{speed:>10} {100 * r['top1']:>9.2f}% {r['errors']:>7}")  # fmt: skip
+        speed = f"{base['wall_s'] / r['wall_s']:.1f}x" if base else "-"
+        phase = f"{base['phase_s'] / r['phase_s']:.1f}x" if base else "-"
+        print(f"{r['run']:<13} {r['steps']:>5} {r['wall_s']:>7} {speed:>10} {r['phase_s']:>8} "
+              f"{phase:>10} {r['extract_s']:>9} {100 * r['top1']:>9.2f}% "
+              f"{r['errors']:>7}")  # fmt: skip
     print(f"(decoding the folder beforehand, untimed above: {decode_s:.1f} s)")
     line = json.dumps({"data": args.data, "epochs": args.epochs, "model": args.model,
                        "decode_s": round(decode_s, 1), "date": time.strftime("%Y-%m-%d"),

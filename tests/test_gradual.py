@@ -255,6 +255,7 @@ def test_a_gradual_run_trains_exactly_its_stages_and_resumes_bitwise_around_each
         ("unfreeze1", 6),
         ("unfreeze2", 9),
     ]
+    assert all(r["seconds"] > 0 for r in summary["phases"])  # the wall time spent in each
     top = ("head/", "backbone/stage4/", "backbone/stage3/")
     trains = [top[:1], top[:2], top]
     # Each step moves only its phase's leaves (the others bitwise unchanged), and each phase

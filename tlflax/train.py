@@ -235,6 +235,7 @@ class PhaseResult:
     start_step: int
     end_step: int
     val: Scores | None  # its end-of-phase evaluation; None: run by an earlier process
+    seconds: float = 0.0  # wall time this process spent in it (steps, evaluations, saves)
 
 
 @dataclasses.dataclass
@@ -401,7 +402,7 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
     step = int(jax.device_get(st.step))
     results = []
     for i in range(experiment.phase_at(phases, step), len(phases)):
-        phase, ran = phases[i], step < phases[i].end_step
+        phase, ran, t0 = phases[i], step < phases[i].end_step, time.time()
         st, val = run_phase(loop, phase, st, shardings, start_step=step)
         step = phase.end_step
         if i + 1 < len(phases):
@@ -409,7 +410,8 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
             log.info("step %d: phase %s starts", step, phases[i + 1].name)
         if ran:
             _save(loop, step, st, val)
-        results.append(PhaseResult(phase.name, phase.start_step, phase.end_step, val))
+        seconds = time.time() - t0 if ran else 0.0
+        results.append(PhaseResult(phase.name, phase.start_step, phase.end_step, val, seconds))
     return TrainResult(st, results)
 
 
@@ -595,7 +597,7 @@ def split_dir_name(report: dict, default: str) -> str:
 def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=None) -> dict:
     vals = {p.name: p.val for p in result.phases}
     vals[run.phases[-1].name] = scores
-    rows = _phase_rows(run, vals)
+    rows = _phase_rows(run, vals, {p.name: p.seconds for p in result.phases})
     history = metrics_io.read_history(workdir)
     final = scores.raw
     if jax.process_index() == 0:
@@ -632,16 +634,16 @@ def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=
 TABLE_COLUMNS = ("strategy", "accuracy", "top-5", "errors")
 
 
-def _phase_rows(run: Run, vals: dict) -> list[dict]:
-    """One row per phase that this process evaluated: its end-of-phase evaluation, and one
-    more for its EMA weights (optim.ema_decay > 0)."""
+def _phase_rows(run: Run, vals: dict, seconds: dict) -> list[dict]:
+    """One row per phase that this process evaluated: its end-of-phase evaluation and the
+    wall time this process spent in it, and one more for its EMA weights."""
     rows = []
     for p in run.phases:
         scores = vals.get(p.name)
         if scores is None:
             continue
         row = {"strategy": p.name, "step": p.end_step, **_table_cells(scores.raw)}
-        rows.append({**row, **scores.scalars()})
+        rows.append({**row, **scores.scalars(), "seconds": round(seconds.get(p.name, 0.0), 2)})
         if scores.ema is not None:
             ema = {"strategy": f"{p.name} (EMA)", "step": p.end_step, "ema": True}
             rows.append({**ema, **_table_cells(scores.ema), **_val_scalars(scores.ema)})
