@@ -160,15 +160,17 @@ def test_eval_fewshot_scores_the_chosen_checkpoint_and_reuses_its_features(
     assert json.loads((out_dir / "fewshot.json").read_text())["results"] == report["results"]
 
 
-@pytest.mark.parametrize("flag", ["--fewshot=1,x", "--fewshot=0", "--fewshot_seeds=0"])
+@pytest.mark.parametrize(
+    "flag", ["--fewshot=1,x", "--fewshot=0", "--fewshot_seeds=0", "--tta=flip"]
+)
 def test_bad_fewshot_flags_are_one_line_errors(fewshot_run, flag, capsys):
     workdir, _ = fewshot_run
     argv = ["tlflax", "eval", "--workdir", str(workdir), flag]
-    if flag.startswith("--fewshot_seeds"):
+    if not flag.startswith("--fewshot="):
         argv.append("--fewshot=1")
     assert main.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--fewshot" in err[0]
+    assert len(err) == 1 and flag.split("=")[0] in err[0]
 
 
 def test_bad_fewshot_shots_in_a_config_are_refused(tmp_path):

@@ -89,6 +89,8 @@ def cmd_eval(flags, config_unused, positional) -> int:
 def _shots(flags) -> tuple[int, ...]:
     if not flags.fewshot:
         return ()
+    if flags.tta:
+        raise errors.UserError("--tta: the few-shot probes use each image's eval crop; drop it")
     if flags.fewshot_seeds < 1:
         raise errors.UserError(f"--fewshot_seeds={flags.fewshot_seeds}: give at least 1")
     try:
