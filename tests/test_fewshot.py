@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import tiny_config
 
 from tlflax import config_lib, features, fewshot, main, metrics_io, train
 from tlflax.errors import ConfigError
@@ -98,11 +99,7 @@ def _config(**values):
     config = config_lib.get_base_config()
     config.update_from_flattened_dict(
         {
-            "model.name": "resnet_tiny",
-            "data.source": "digits",
-            "data.val_fraction": 0.1,
-            "data.image_size": 16,
-            "data.batch_size": 16,
+            **tiny_config.DIGITS,
             "data.eval_batch_size": 64,
             "optim.strategy": "full",
             "optim.lr": 1e-2,

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+import tiny_config
 
 from tlflax import config_lib, optim, train, tree
 from tlflax.errors import ConfigError
@@ -210,11 +211,7 @@ def _config(**values):
     config = config_lib.get_base_config()
     config.update_from_flattened_dict(
         {
-            "model.name": "resnet_tiny",
-            "data.source": "digits",
-            "data.val_fraction": 0.1,
-            "data.image_size": 16,
-            "data.batch_size": 16,
+            **tiny_config.DIGITS,
             "data.eval_batch_size": 48,
             "aug.flip": False,
             "aug.rotation": 10.0,

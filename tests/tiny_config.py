@@ -8,6 +8,16 @@ updating (bn_mode='train') so that sharding and resume must get them right too.
 
 from tlflax import config_lib
 
+# The data and model of trainer tests written as flattened overrides (resnet_tiny on digits
+# at 16 px), for tests that build their own config around them.
+DIGITS = {
+    "model.name": "resnet_tiny",
+    "data.source": "digits",
+    "data.val_fraction": 0.1,
+    "data.image_size": 16,
+    "data.batch_size": 16,
+}
+
 
 def get_config(arg=None):
     del arg
