@@ -559,3 +559,96 @@ def test_a_plan_of_hand_written_phases_trains_phase_after_phase(tmp_path):
     assert "phase head (steps 0..2)" in table and "phase top (steps 2..5)" in table
     lrs = {h["step"]: h for h in _history(tmp_path) if "train/loss" in h}
     assert sorted(lrs) == [1, 2, 3, 4, 5] and "lr/rule0" in lrs[5]
+
+
+def test_saves_fall_each_epoch_but_a_cached_probe_saves_at_its_end():
+    """A cached probe's epochs take milliseconds and a checkpoint holds the whole model:
+    by default it saves at its end only; train.checkpoint_every still applies to it."""
+    c = config_lib.get_base_config().train
+
+    def saves(kind, end, every):
+        due = [every.due(s, phase_end=s == end, kind=kind) for s in range(1, end + 1)]
+        return [s for s, d in enumerate(due, 1) if d.save], [
+            s for s, d in enumerate(due, 1) if d.eval
+        ]
+
+    every = train.Periodic.from_config(c, steps_per_epoch=3)
+    assert saves("train", 9, every) == ([3, 6, 9], [3, 6, 9])
+    assert saves("cached_probe", 9, every) == ([9], [3, 6, 9])  # evaluated each epoch still
+    c.checkpoint_every = 2
+    every = train.Periodic.from_config(c, steps_per_epoch=3)
+    assert saves("cached_probe", 5, every)[0] == saves("train", 5, every)[0] == [2, 4, 5]
+
+
+def test_the_finite_check_before_a_save_reads_what_the_phase_changes():
+    import jax.numpy as jnp
+
+    from tlflax import state
+
+    nan = jnp.array([np.nan], jnp.float32)
+    st = state.TrainState(
+        step=jnp.array(3),
+        params={"backbone": {"w": nan}, "head": {"w": jnp.ones(2)}},  # a frozen NaN ...
+        batch_stats={"backbone": {"mean": nan}},
+        opt_state=(jnp.ones(2),),
+        rng=jnp.zeros(2, jnp.uint32),
+    )
+    trainable = {"backbone": {"w": False}, "head": {"w": True}}
+    # ... that no step of the phase wrote: the loss would have shown it (tested above).
+    train.check_finite_state(st, 3, trainable=trainable, bn_train=False)
+    with pytest.raises(train.NonFiniteLossError, match="not finite after step 3"):
+        train.check_finite_state(st, 3, trainable=trainable, bn_train=True)  # BatchNorm trains
+    for bad in (
+        st.replace(params={**st.params, "head": {"w": jnp.array([1.0, np.inf])}}),
+        st.replace(opt_state=(jnp.array([np.nan, 0.0]),)),
+    ):
+        with pytest.raises(train.NonFiniteLossError, match="not finite after step 3"):
+            train.check_finite_state(bad, 3, trainable=trainable, bn_train=False)
+
+
+def test_a_step_on_the_heads_part_of_the_state_is_the_step_on_the_whole_state():
+    """What a cached probe's jitted step carries (state.head_part: no backbone, no
+    statistics) gives the head, optimizer state (clipping, EMA) and metrics of a step on
+    the whole state; the learning rate in the metrics is the schedule's at the new step."""
+    import jax
+
+    from tlflax import features, losses, state
+    from tlflax.models import create_model
+
+    config = config_lib.get_base_config()
+    config.optim.update({"strategy": "linear_probe", "grad_clip_norm": 0.5, "ema_decay": 0.9,
+                         "warmup_steps": 2})  # fmt: skip
+    config.train.steps = 6
+    spec = create_model("resnet_tiny", num_classes=3, head_hidden=4)
+    variables = spec.init(jax.random.key(0), 16)
+    (phase,) = optim.make_phases(
+        config.optim, train_config=config.train, params=variables["params"], spec=spec,
+        steps_per_epoch=2,
+    )  # fmt: skip
+
+    def apply_fn(v, feats, *, train, bn_train, rngs):
+        return features.head_logits(spec.module, v, feats, train=train, rngs=rngs)
+
+    step = jax.jit(train.make_train_step(
+        apply_fn=apply_fn, loss_fn=losses.softmax_xent, tx=phase.tx,
+        train_transform=lambda rng, x, y: (x, jax.nn.one_hot(y, 3)),
+        trainable=phase.trainable, bn_train=False, lr_fns=phase.lr_fns,
+    ))  # fmt: skip
+    whole = state.create(variables=variables, tx=phase.tx, seed=0)
+    part = state.head_part(whole)
+    assert not jax.tree_util.tree_leaves(part.params["backbone"]) and part.batch_stats == {}
+    rng = np.random.default_rng(0)
+    for i in range(1, 4):
+        batch = {"image": rng.normal(size=(8, spec.feature_dim)).astype(np.float32),
+                 "label": rng.integers(0, 3, 8), "mask": np.ones(8, bool)}  # fmt: skip
+        whole, m_whole = step(whole, batch)
+        part, m_part = step(part, batch)
+        assert float(m_part["lr"]["head"]) == pytest.approx(float(phase.lr_fns["head"](i)))
+        assert float(m_part["lr"]["head"]) == float(m_whole["lr"]["head"])
+        np.testing.assert_allclose(float(m_part["loss"]), float(m_whole["loss"]), rtol=1e-6)
+    joined = state.with_head(whole, part)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        (joined.params, joined.opt_state, joined.step), (whole.params, whole.opt_state, whole.step),
+    )  # fmt: skip
+    assert optim.ema_params(joined.params, joined.opt_state) is not None

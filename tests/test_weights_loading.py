@@ -368,3 +368,38 @@ def test_preprocessing_validation_and_rescaling():
     lite = pp.lite(224)
     assert lite.at_resolution(128).resize == round(128 / 0.875)
     assert pp.Preprocessing.from_json(lite.to_json()) == lite
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "efficientnet_lite_tiny", "vit_tiny"])
+def test_head_alone_is_initialised_as_the_whole_model_would_be(name):
+    """A pretrained run initialises only what the checkpoint leaves (ModelSpec.fill_init):
+    the head gets the values a whole-model init would have given it, so that skipping the
+    backbone's init (seconds of compilation for a real model) changes no result."""
+    import jax
+
+    from tlflax.models import create_model
+
+    spec = create_model(name, num_classes=5, head_hidden=16)  # a random hidden layer
+    key = jax.random.key(3)
+    whole = spec.init(key)
+    head = spec.init_head(key)
+    assert list(head) == ["params"] and list(head["params"]) == ["head"]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, head["params"]["head"],
+                           whole["params"]["head"])  # fmt: skip
+    assert np.any(np.asarray(head["params"]["head"]["hidden"]["kernel"]) != 0)
+    # Abstract leaves are filled, the others kept as they are.
+    shapes = jax.eval_shape(lambda: spec.init(key))
+    loaded = jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype), shapes)
+    loaded["params"]["head"] = shapes["params"]["head"]
+    filled = spec.fill_init(key, loaded)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, filled["params"]["head"],
+                           whole["params"]["head"])  # fmt: skip
+    assert all(
+        np.all(np.asarray(x) == 1) for x in jax.tree_util.tree_leaves(filled["params"]["backbone"])
+    )
+    # An abstract backbone leaf needs the whole init, and gets its value from it.
+    some = next(iter(loaded["params"]["backbone"]))
+    loaded["params"]["backbone"][some] = shapes["params"]["backbone"][some]
+    filled = spec.fill_init(key, loaded)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, filled["params"]["backbone"][some],
+                           whole["params"]["backbone"][some])  # fmt: skip

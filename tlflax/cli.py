@@ -213,12 +213,13 @@ def cmd_inspect(flags, config, positional) -> int:
     if flags.weights:
         from tlflax import weights as weights_lib
 
-        concrete = spec.init(jax.random.key(0))
         # The new head is replaced, as in training (its size is --num_classes, not the
         # checkpoint's); everything else must come from the checkpoint.
         reinit = tuple(config.weights.reinit)
-        loaded = weights_lib.load_pretrained(spec, flags.weights, variables=concrete, reinit=reinit)
-        variables = loaded.variables
+        loaded = weights_lib.load_pretrained(
+            spec, flags.weights, variables=variables, reinit=reinit
+        )
+        variables = spec.fill_init(jax.random.key(0), loaded.variables)
         print(f"weights {flags.weights}: {loaded.report.summary()}")
         print(f"preprocessing: {loaded.preprocessing}")
     phases = optim.make_phases(

@@ -215,7 +215,9 @@ def _train_config() -> ConfigDict:
     c.bn_mode = "frozen"  # 'frozen': running statistics, never updated; 'train': batch stats
     c.log_every = 50  # steps between training-metric writes (the only host syncs in the loop)
     c.eval_every = 0  # steps between evaluations; 0: at the end of each epoch
-    c.checkpoint_every = 0  # steps between checkpoints; 0: at the end of each epoch
+    # Steps between checkpoints; 0: at the end of each epoch (a cached_probe phase: at its
+    # end only, its epochs take milliseconds).
+    c.checkpoint_every = 0
     c.keep_last = 2  # checkpoints kept by recency ...
     c.keep_best = 1  # ... plus these, by validation top-1
     # With optim.ema_decay > 0: the EMA weights' validation top-1 picks the checkpoint a run

@@ -65,7 +65,7 @@ def from_config(config, workdir: epath.Path, *, manifest_dir=None) -> Run:
     datasets = _build_datasets(config, prep, workdir=workdir, manifest_dir=manifest_dir)
     num_classes = check_num_classes(config, datasets)
     if num_classes != model.num_classes:  # counted from the data: the head's size changes
-        model = _Model(config, num_classes=num_classes)
+        model = model.with_num_classes(config, num_classes)
     steps_per_epoch = datasets.train.batches_per_epoch(config.data.batch_size)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -96,6 +96,18 @@ class _Model:
             init = lambda: self.spec.init(jax.random.key(0), resolution)
             self._shape, self._resolution = jax.eval_shape(init), resolution
         return self._shape
+
+    def with_num_classes(self, config, num_classes: int) -> _Model:
+        """The same model with another head: the backbone's traced shapes are kept, only
+        the new head's are traced."""
+        other = _Model(config, num_classes=num_classes, resolution=self._resolution)
+        if self._shape is not None:
+            head = jax.eval_shape(lambda: other.spec.init_head(jax.random.key(0)))
+            other._shape = {
+                col: {**tree_of, **({"head": head[col]["head"]} if col in head else {})}
+                for col, tree_of in self._shape.items()
+            }
+        return other
 
 
 def build_model(config, *, num_classes: int):
@@ -309,20 +321,22 @@ def abstract_state(run: Run, phase):
 
 
 def initial_variables(config, run: Run) -> dict:
-    """Fresh init, then the pretrained weights (only ever at step 0)."""
-    variables = run.spec.init(jax.random.key(config.seed), run.prep.resolution)
+    """The pretrained weights into the init's shapes, then a fresh init of what they leave
+    (the head alone, usually: the backbone is never initialised only to be overwritten);
+    without weights, a fresh init. Only ever at step 0."""
+    rng = jax.random.key(config.seed)
     if not config.weights.source:
-        return variables
+        return run.spec.init(rng, run.prep.resolution)
     loaded = weights_lib.load_pretrained(
         run.spec,
         config.weights.source,
-        variables=variables,
+        variables=run.variables_shape,
         reinit=tuple(config.weights.reinit),
         preprocessing=run.prep,
         cache_dir=config.weights.cache_dir or None,
     )
     log.info("pretrained weights %s: %s", config.weights.source, loaded.report.summary())
-    return loaded.variables
+    return run.spec.fill_init(rng, loaded.variables, run.prep.resolution)
 
 
 def create_state(variables: dict, *, tx, seed: int, shardings) -> state.TrainState:

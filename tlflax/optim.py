@@ -787,9 +787,9 @@ def decay_mask(c) -> Callable:
 
 def trainable_global_norm(grads, trainable) -> jax.Array:
     """Global L2 norm over the trainable leaves only (float32), so frozen ones stay dead code."""
-    leaves, structure = jax.tree_util.tree_flatten(grads)
-    flags = structure.flatten_up_to(trainable)
-    pairs = zip(leaves, flags, strict=True)
+    # Up to trainable's leaves: a frozen entry of grads may be a subtree (optax.MaskedNode).
+    flags, structure = jax.tree_util.tree_flatten(trainable)
+    pairs = zip(structure.flatten_up_to(grads), flags, strict=True)
     squares = [jnp.sum(jnp.square(g.astype(jnp.float32))) for g, t in pairs if t]
     return jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
 
@@ -802,7 +802,7 @@ def clip_trainable(max_norm: float, *, trainable) -> optax.GradientTransformatio
         norm = trainable_global_norm(updates, trainable)
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         clipped = jax.tree_util.tree_map(
-            lambda g, t: (g * scale).astype(g.dtype) if t else g, updates, trainable
+            lambda t, g: (g * scale).astype(g.dtype) if t else g, trainable, updates
         )
         return clipped, state
 

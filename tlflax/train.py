@@ -42,11 +42,15 @@ class NonFiniteLossError(UserError, FloatingPointError):
     pass
 
 
-def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_train: bool):
+def make_train_step(
+    *, apply_fn, loss_fn, tx, train_transform, trainable, bn_train: bool, lr_fns=None
+):
     """(state, batch) -> (state, metrics); pure, jit it with the state donated.
 
     apply_fn: a flax module's `apply`; loss_fn(*, logits, targets, mask) -> scalar
-    (losses.softmax_xent); train_transform(rng, images, labels) -> (images, targets).
+    (losses.softmax_xent); train_transform(rng, images, labels) -> (images, targets);
+    lr_fns: {group: fn(global step) -> lr}, reported in metrics['lr'] at the new step (on
+    the device, with the step: no eager schedule ops on the host at each log).
     """
 
     def step_fn(st: state.TrainState, batch):
@@ -79,6 +83,8 @@ def make_train_step(*, apply_fn, loss_fn, tx, train_transform, trainable, bn_tra
         new_state = st.replace(
             step=st.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
         )
+        if lr_fns:
+            metrics["lr"] = {group: fn(new_state.step) for group, fn in lr_fns.items()}
         return new_state, metrics
 
     return step_fn
@@ -108,6 +114,7 @@ def _jit_train_step(config, run: Run, phase, shardings):
         train_transform=train_transform,
         trainable=phase.trainable,
         bn_train=bn_train,
+        lr_fns=phase.lr_fns,
     )
     batch_sh = sharding.batch_sharding(run.mesh)
     return jax.jit(
@@ -189,7 +196,7 @@ def run_eval(eval_fn, st, run: Run, *, split=None):
     )
 
 
-def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, n_images):
+def _flush_train_metrics(pending, *, first_step: int, writer, t0: float, n_images):
     """One host sync per logging interval; a non-finite loss stops the run, naming the step.
 
     images/s counts from t0 to the end of this sync: steps are dispatched asynchronously, so
@@ -210,10 +217,11 @@ def _flush_train_metrics(pending, *, first_step: int, writer, phase, t0: float, 
                 "optim.grad_clip_norm and resume"
             )
     last = first_step + len(host)
-    scalars = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+    means = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != "lr"}
+    scalars = {f"train/{k}": v for k, v in means.items()}
     scalars["train/images_per_sec"] = n_images / max(seconds, 1e-9)
-    for group, lr_fn in phase.lr_fns.items():
-        scalars[f"lr/{group}"] = float(lr_fn(last))
+    for group, lr in host[-1].get("lr", {}).items():  # at the interval's last step
+        scalars[f"lr/{group}"] = float(lr)
     writer.write_scalars(last, scalars)
     return scalars
 
@@ -254,12 +262,17 @@ class Due(NamedTuple):
 class Periodic:
     """When the periodic actions fall: every N steps, and at the end of each phase. A save
     is always preceded by a log flush, so that no step with a non-finite loss or gradient
-    norm is ever checkpointed (retention could otherwise delete the last good one)."""
+    norm is ever checkpointed (retention could otherwise delete the last good one).
+
+    A cached_probe phase saves at its end only, unless train.checkpoint_every is set: its
+    epochs are head steps on features (milliseconds) and a checkpoint holds the whole
+    model, so saving each epoch would cost more than the phase; a resume redoes them."""
 
     log_every: int
     eval_every: int
     save_every: int
     steps_per_epoch: int
+    cached_save_every: int = 0  # in cached_probe phases; 0: at the phase's end only
 
     @classmethod
     def from_config(cls, train_config, *, steps_per_epoch: int) -> Periodic:
@@ -268,10 +281,12 @@ class Periodic:
             eval_every=train_config.eval_every or steps_per_epoch,
             save_every=train_config.checkpoint_every or steps_per_epoch,
             steps_per_epoch=steps_per_epoch,
+            cached_save_every=train_config.checkpoint_every,
         )
 
-    def due(self, step: int, *, phase_end: bool) -> Due:
-        save = step % self.save_every == 0 or phase_end
+    def due(self, step: int, *, phase_end: bool, kind: str = "train") -> Due:
+        every = self.cached_save_every if kind == "cached_probe" else self.save_every
+        save = phase_end or (every > 0 and step % every == 0)
         log_now = step % self.log_every == 0 or step % self.steps_per_epoch == 0 or save
         return Due(log_now, step % self.eval_every == 0 or phase_end, save)
 
@@ -409,7 +424,7 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
             st, shardings = experiment.switch_phase(st, phases[i + 1], loop.run)
             log.info("step %d: phase %s starts", step, phases[i + 1].name)
         if ran:
-            _save(loop, step, st, val)
+            _save(loop, step, st, val, phase=phase)
         seconds = time.time() - t0 if ran else 0.0
         results.append(PhaseResult(phase.name, phase.start_step, phase.end_step, val, seconds))
     return TrainResult(st, results)
@@ -418,35 +433,51 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
 def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
     """Steps start_step..phase.end_step with their periodic actions, but the last save
     (train_phases makes it, after the hand-over); (state, the phase-end evaluation)."""
-    train_step = _jit_train_step(loop.config, loop.run, phase, shardings)
     if phase.kind == "cached_probe":
         batches, evals = _cached_probe_inputs(loop, st, start_step=start_step)
     else:
         batches, evals = loop.images.at(start_step), Evals(loop.eval_fn, None)
-    pending, t0, first, val = [], time.time(), start_step, None
+    whole = _Whole(st, phase)
+    train_step = _jit_train_step(loop.config, loop.run, phase, whole.part(shardings))
+    st, pending, t0, first, val = whole.part(st), [], time.time(), start_step, None
     for step in range(start_step + 1, phase.end_step + 1):
         st, metrics = train_step(st, next(batches))
         pending.append(metrics)
-        due = loop.every.due(step, phase_end=step == phase.end_step)
+        due = loop.every.due(step, phase_end=step == phase.end_step, kind=phase.kind)
         if due.log:
             scalars = _flush_train_metrics(
                 pending,
                 first_step=first,
                 writer=loop.writer,
-                phase=phase,
                 t0=t0,
                 n_images=len(pending) * loop.run.global_batch,
             )
             loop.progress.interval(step, phase=phase.name, scalars=scalars)
             pending, first = [], step
-        val = _evaluate(loop, st, step, phase, evals) if due.eval else None
+        val = _evaluate(loop, whole(st), step, phase, evals) if due.eval else None
         if due.save and step < phase.end_step:
-            _save(loop, step, st, val)
+            _save(loop, step, whole(st), val, phase=phase)
         if not pending:  # the interval after a flush times training only, not eval / saves
             t0 = time.time()
     if phase.kind == "cached_probe":
         batches.close()
-    return st, val
+    return whole(st), val
+
+
+class _Whole:
+    """A cached_probe phase steps the head's part of the train state alone
+    (state.head_part): the backbone neither passes through its jitted step nor is compiled
+    into it. Evaluations, saves and the phase's end see the whole state, put back
+    together; a 'train' phase steps the whole state."""
+
+    def __init__(self, st, phase):
+        self.rest = st if phase.kind == "cached_probe" else None
+
+    def part(self, tree):
+        return tree if self.rest is None else state.head_part(tree)
+
+    def __call__(self, part):
+        return part if self.rest is None else state.with_head(self.rest, part)
 
 
 class Evals(NamedTuple):
@@ -521,8 +552,9 @@ def evaluate_state(config, eval_fn, st, run: Run, *, split=None) -> Scores:
     return Scores(raw, run_eval(eval_fn, ema, run, split=split))
 
 
-def _save(loop: Loop, step: int, st, val: Scores | None) -> None:
-    check_finite_state(st, step)
+def _save(loop: Loop, step: int, st, val: Scores | None, *, phase) -> None:
+    bn_train = phase.kind == "train" and loop.config.train.bn_mode == "train"
+    check_finite_state(st, step, trainable=phase.trainable, bn_train=bn_train)
     loop.writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
     loop.ckpt.save(step, st, metrics=val.scalars() if val else None)
 
@@ -530,13 +562,21 @@ def _save(loop: Loop, step: int, st, val: Scores | None) -> None:
 @jax.jit
 def _state_is_finite(trees) -> jax.Array:
     leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.array(True)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def check_finite_state(st, step: int) -> None:
+def check_finite_state(st, step: int, *, trainable, bn_train: bool) -> None:
     """Before a save: finite losses and gradient norms can still give an overflowed update
-    (or moments), which a resume would carry on from."""
-    if not bool(jax.device_get(_state_is_finite((st.params, st.batch_stats, st.opt_state)))):
+    (or moments), which a resume would carry on from. Checked: what the phase's steps
+    change (its trainable parameters, the optimizer state, the statistics when BatchNorm
+    trains), not the frozen leaves, which a cached probe's head steps would otherwise
+    compile a check of the whole model for."""
+    flags, structure = jax.tree_util.tree_flatten(trainable)
+    changed = [p for p, t in zip(structure.flatten_up_to(st.params), flags, strict=True) if t]
+    trees = (changed, st.batch_stats if bn_train else {}, st.opt_state)
+    if not bool(jax.device_get(_state_is_finite(trees))):
         raise NonFiniteLossError(
             f"the train state (parameters, statistics or optimizer moments) is not finite "
             f"after step {step}; stopping without saving it. "

@@ -64,8 +64,34 @@ class ModelSpec:
         variables = jax.jit(lambda r: self.module.init(r, x, train=False))(rng)
         return tree.to_plain(variables)
 
+    def init_head(self, rng: jax.Array, batch: int = 1):
+        """The head's initial variables alone, equal to init(rng)'s head (linen derives a
+        submodule's rng from its path, not from what ran before it), without tracing or
+        compiling the backbone: what a pretrained run needs fresh."""
+        feats = jnp.zeros((batch, self.feature_dim), jnp.float32)
+        variables = jax.jit(lambda r: self.module.init(r, feats, method=_head_only))(rng)
+        return tree.to_plain(variables)
+
+    def fill_init(self, rng: jax.Array, variables: dict, resolution: int | None = None):
+        """`variables` with every abstract leaf (jax.ShapeDtypeStruct: what pretrained
+        weights left to the fresh init, as weights.reinit) at init(rng)'s value; only the
+        head is initialised when only the head is abstract."""
+        flat = tree.flatten(variables)
+        todo = [n for n, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+        if not todo:
+            return variables
+        only_head = all(n.split("/", 2)[1] == "head" for n in todo)
+        fresh = tree.flatten(
+            self.init_head(rng) if only_head else self.init(rng, resolution=resolution)
+        )
+        return tree.unflatten({n: fresh[n] if n in todo else v for n, v in flat.items()})
+
     def head_is(self, name: str) -> bool:
         return name.startswith("head/")
+
+
+def _head_only(module: Classifier, feats):
+    return module.head(feats, train=False)
 
 
 # name -> builder(num_classes, head_hidden, head_dropout, dtype, **overrides) -> ModelSpec

@@ -44,6 +44,10 @@ def merge_variables(
 ) -> tuple[dict, LoadReport]:
     """Returns new variables: the checkpoint's arrays where the model has them.
 
+    `variables` may be abstract (jax.ShapeDtypeStruct leaves, from jax.eval_shape of the
+    init): only shapes and dtypes are read, and the leaves `reinit` keeps stay as given
+    (ModelSpec.fill_init then initialises them).
+
     `reinit` regexes (full match over names without the collection, e.g. 'head/.*')
     mark what is deliberately replaced by the fresh init. Everything else must be
     in the checkpoint with the same shape, and the checkpoint may hold nothing more.
@@ -70,7 +74,7 @@ def merge_variables(
             shapes = f"checkpoint {np.shape(ckpt[name])} vs model {np.shape(init)}"
             mismatched.append(f"{name}: {shapes}")
         else:
-            merged[name] = np.asarray(ckpt[name]).astype(np.asarray(init).dtype)
+            merged[name] = np.asarray(ckpt[name]).astype(np.dtype(init.dtype))
             loaded.append(name)
     problems = _describe(missing, unexpected + unconverted, mismatched)
     if problems:
