@@ -16,6 +16,7 @@ from tlflax import (
     features,
     fewshot,
     fs,
+    imagenet,
     model_summary,
     optim,
     predict,
@@ -130,6 +131,8 @@ def _eval_fewshot(config, run, st, workdir, out, *, shots, seeds: int) -> int:
 
 
 def cmd_predict(flags, config_unused, positional) -> int:
+    if flags.model:
+        return _predict_imagenet(flags, positional)
     workdir = fs.path(_need(flags.workdir, "workdir", "predict"), what="--workdir")
     if not positional:
         raise errors.UserError("give one or more image files, folders or globs")
@@ -152,6 +155,44 @@ def cmd_predict(flags, config_unused, positional) -> int:
         predict.write(rows, flags.out, top_k=flags.top_k, step=step)
         print(f"{int(good.sum())} of {len(paths)} files predicted (step {step}); {flags.out}")
     return 0 if good.any() else 1
+
+
+def _predict_imagenet(flags, positional) -> int:
+    """predict --model NAME [--weights SRC]: the weights' own ImageNet head, no run."""
+    if flags.workdir:
+        raise errors.UserError("give --workdir (a run's classes) or --model (ImageNet's), not both")
+    if flags.ema:
+        raise errors.UserError("--ema reads a run's EMA weights; --model has none: drop it")
+    if not positional:
+        raise errors.UserError("give one or more image files, folders or globs")
+    paths = predict.expand_inputs(positional)
+    model, source = predict.imagenet_model(flags.model, flags.weights)
+    base = config_lib.get_base_config().data
+    probs, good, bad = predict.predict_files(
+        paths,
+        probs_fn=predict.make_probs_fn(model, tta=_tta(flags)),
+        variables=model.variables,
+        resize=model.prep.resize,
+        max_pixels=base.max_image_pixels,
+        workers=1 if len(paths) < 64 else base.workers,
+        batch_size=flags.batch_size,
+    )
+    rows = predict.rows_of(paths, probs, good, bad, classes=imagenet.labels(), top_k=flags.top_k)
+    for row in rows:
+        print(predict.console_line(row))
+    if flags.out:
+        predict.write(rows, flags.out, top_k=flags.top_k, step=None, weights=source)
+        print(f"{int(good.sum())} of {len(paths)} files predicted ({source}); {flags.out}")
+    return 0 if good.any() else 1
+
+
+def cmd_models(flags, config_unused, positional) -> int:
+    from tlflax import zoo
+
+    if len(positional) > 1:
+        raise errors.UserError(f"give at most one PATTERN, not {positional}")
+    print(zoo.table(positional[0] if positional else ""))
+    return 0
 
 
 def _restored(config, run, workdir, *, ema: bool, command: str):

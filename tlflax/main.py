@@ -3,6 +3,8 @@
 tlflax train   --config CONFIG[:ARGS] --workdir DIR [--config.key=value ...]
 tlflax eval    --workdir DIR [--split NAME] [--tta flip] [--ema] [--fewshot 1,5,10]
 tlflax predict --workdir DIR IMAGE|FOLDER|GLOB [...] [--top_k 5] [--out FILE] [--tta flip] [--ema]
+tlflax predict --model NAME [--weights SRC] IMAGE ...   (ImageNet classes, pretrained head)
+tlflax models  [PATTERN]
 tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
 tlflax export  --workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]
 tlflax config  [--config CONFIG[:ARGS]] [--config.key=value ...]
@@ -30,7 +32,16 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "split", None, "eval: which split ('' = the config's eval split)", flag_values=FLAGS
 )
-flags.DEFINE_string("weights", None, "inspect: pretrained weights source", flag_values=FLAGS)
+flags.DEFINE_string(
+    "weights", None, "inspect, predict --model: pretrained weights source", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "model",
+    None,
+    "predict: a model name; ImageNet classes from its pretrained 1000-class head, no workdir "
+    "(--weights: its source, default the first of `tlflax models NAME` on this machine)",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer(
     "num_classes", 1000, "inspect: head size when no config is given", flag_values=FLAGS
 )
@@ -63,7 +74,7 @@ flags.DEFINE_bool(
     "ema", False, "eval, predict, export: the EMA weights (optim.ema_decay > 0)", flag_values=FLAGS
 )
 
-COMMANDS = ("train", "eval", "predict", "inspect", "export", "config")
+COMMANDS = ("train", "eval", "predict", "inspect", "export", "config", "models")
 HELP = ("--help", "-h", "-help", "help")
 
 

@@ -6,6 +6,7 @@ as CSV or JSON.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -45,6 +46,41 @@ def _files_below(folder: str) -> list[str]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedModel:
+    """A model with pretrained weights' own ImageNet head: what make_probs_fn reads of a
+    run (its spec and preprocessing), and the variables."""
+
+    spec: object
+    prep: object
+    variables: dict
+
+
+def imagenet_model(name: str, source: str | None = None) -> tuple[PretrainedModel, str]:
+    """(model, source) for `tlflax predict --model`: every variable from the weights, the
+    1000-class head included. source None: the first suggested source on this machine."""
+    from tlflax import imagenet
+    from tlflax.models import create_model
+    from tlflax.weights import CheckpointMismatchError, load_pretrained, sources
+
+    spec = create_model(name, num_classes=imagenet.N_CLASSES)
+    if not source:
+        suggested = sources.SUGGESTED.get(name, ())
+        if not suggested:
+            raise UserError(f"--model {name}: no known ImageNet weights; give --weights SOURCE")
+        here = [s for s in suggested if sources.available_offline(s)]
+        source = (here or suggested)[0]
+    shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0)))
+    try:
+        loaded = load_pretrained(spec, source, variables=shapes, reinit=())
+    except CheckpointMismatchError as e:
+        raise UserError(
+            f"--model {name} --weights {source}: predict --model needs the weights' own "
+            f"{imagenet.N_CLASSES}-class ImageNet head and all of the backbone; {e}"
+        ) from e
+    return PretrainedModel(spec, loaded.preprocessing, loaded.variables), source
 
 
 def make_probs_fn(run, *, tta: str = ""):
@@ -91,8 +127,9 @@ def console_line(row: dict) -> str:
     return f"{row['file']}: " + ", ".join(f"{c} {100 * p:.1f}%" for c, p in row["top"])
 
 
-def write(rows: list[dict], out: str, *, top_k: int, step: int) -> None:
-    """CSV (file, error, class_1, prob_1, ...) or JSON ({file, error, top: [{class, prob}]})."""
+def write(rows: list[dict], out: str, *, top_k: int, step: int | None, weights=None) -> None:
+    """CSV (file, error, class_1, prob_1, ...) or JSON ({file, error, top: [{class, prob}]});
+    step: the run's checkpoint, or None with the pretrained `weights` source."""
     path = fs.path(out, what="--out")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
@@ -107,7 +144,8 @@ def write(rows: list[dict], out: str, *, top_k: int, step: int) -> None:
             }
             for r in rows
         ]
-        path.write_text(json.dumps({"checkpoint_step": step, "predictions": records}, indent=1))
+        made_by = {"checkpoint_step": step} if weights is None else {"weights": weights}
+        path.write_text(json.dumps({**made_by, "predictions": records}, indent=1))
         return
     text = io.StringIO(newline="")
     columns = ["file", "error"] + [

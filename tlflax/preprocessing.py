@@ -53,12 +53,24 @@ class Preprocessing:
         resize = max(resolution, round(resolution / self.crop_pct))
         return dataclasses.replace(self, resolution=resolution, resize=resize)
 
+    def short(self) -> str:
+        """One line: the normalisation's convention name (or its mean / std), resize and crop."""
+        norm = next(
+            (n for n, f in NAMED.items() if (f().mean, f().std) == (self.mean, self.std)),
+            f"mean {_fmt(self.mean)} std {_fmt(self.std)}",
+        )
+        return f"{norm}, {self.resize}->{self.resolution} {self.interpolation}"
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> Preprocessing:
         return cls(**json.loads(text))
+
+
+def _fmt(values) -> str:
+    return "/".join(f"{v:g}" for v in values)
 
 
 def imagenet(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocessing:

