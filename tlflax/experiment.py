@@ -102,7 +102,8 @@ class _Model:
         the new head's are traced."""
         other = _Model(config, num_classes=num_classes, resolution=self._resolution)
         if self._shape is not None:
-            head = jax.eval_shape(lambda: other.spec.init_head(jax.random.key(0)))
+            key = jax.random.key(0)
+            head = jax.eval_shape(lambda: other.spec.init_head(key, self._resolution))
             other._shape = {
                 col: {**tree_of, **({"head": head[col]["head"]} if col in head else {})}
                 for col, tree_of in self._shape.items()

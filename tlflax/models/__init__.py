@@ -1,4 +1,4 @@
-"""Model families (ResNet, ViT, EfficientNet-Lite) behind one registry."""
+"""Model families (ResNet, ViT, EfficientNet-Lite, VGG) behind one registry."""
 
 from tlflax.models.common import Classifier, ModelSpec, available, create_model
 from tlflax.models.heads import Head

@@ -54,8 +54,15 @@ class ModelSpec:
     stage_of: Callable[[str], int]
     n_layers: int
     layer_of: Callable[[str], int]
-    feature_dim: int
+    feature_dim: int  # at the native resolution
     arch: dict[str, Any] = dataclasses.field(default_factory=dict)  # the family's hyperparameters
+    # resolution -> feature size, where it depends on it (a flattened feature map)
+    feature_dim_at: Callable[[int], int] | None = None
+
+    def features_at(self, resolution: int | None) -> int:
+        if resolution is None or self.feature_dim_at is None:
+            return self.feature_dim
+        return self.feature_dim_at(resolution)
 
     def init(self, rng: jax.Array, resolution: int | None = None, batch: int = 1):
         """Initial variables {'params': ..., ['batch_stats': ...]} (plain dicts)."""
@@ -64,11 +71,11 @@ class ModelSpec:
         variables = jax.jit(lambda r: self.module.init(r, x, train=False))(rng)
         return tree.to_plain(variables)
 
-    def init_head(self, rng: jax.Array, batch: int = 1):
-        """The head's initial variables alone, equal to init(rng)'s head (linen derives a
-        submodule's rng from its path, not from what ran before it), without tracing or
-        compiling the backbone: what a pretrained run needs fresh."""
-        feats = jnp.zeros((batch, self.feature_dim), jnp.float32)
+    def init_head(self, rng: jax.Array, resolution: int | None = None, batch: int = 1):
+        """The head's initial variables alone, equal to init(rng, resolution)'s head (linen
+        derives a submodule's rng from its path, not from what ran before it), without
+        tracing or compiling the backbone: what a pretrained run needs fresh."""
+        feats = jnp.zeros((batch, self.features_at(resolution)), jnp.float32)
         variables = jax.jit(lambda r: self.module.init(r, feats, method=_head_only))(rng)
         return tree.to_plain(variables)
 
@@ -82,7 +89,7 @@ class ModelSpec:
             return variables
         only_head = all(n.split("/", 2)[1] == "head" for n in todo)
         fresh = tree.flatten(
-            self.init_head(rng) if only_head else self.init(rng, resolution=resolution)
+            self.init_head(rng, resolution) if only_head else self.init(rng, resolution)
         )
         return tree.unflatten({n: fresh[n] if n in todo else v for n, v in flat.items()})
 
@@ -149,4 +156,4 @@ def check_overrides(family: str, overrides: dict, allowed) -> None:
 
 def _import_families():
     # Families register themselves on import; imported lazily to keep this module a leaf.
-    from tlflax.models import efficientnet_lite, resnet, vit  # noqa: F401
+    from tlflax.models import efficientnet_lite, resnet, vgg, vit  # noqa: F401

@@ -33,7 +33,9 @@ __all__ = [
 
 # Checkpoints that carry no metadata but whose convention is fixed: every Lite
 # checkpoint uses (x - 127) / 128; Google's ViT .npz files use [-1, 1].
-_FAMILY_CONVENTION = {"efficientnet_lite": "lite"}
+# Families whose every PyTorch checkpoint has one normalisation (torchvision's VGG weights,
+# which timm's are too, use ImageNet's mean / std).
+_FAMILY_CONVENTION = {"efficientnet_lite": "lite", "vgg": "imagenet"}
 _FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
 # transformers checkpoints without preprocessor_config.json: the convention of every
 # official checkpoint of that model_type (microsoft/resnet-*, google/vit-*).

