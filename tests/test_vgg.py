@@ -175,3 +175,38 @@ def test_feature_modules_follow_torchvisions_layer_indices():
                    3: (f"{stage1}/conv2", "conv"), 4: (f"{stage1}/bn2", "bn"),
                    7: (f"{stage2}/conv1", "conv"), 8: (f"{stage2}/bn1", "bn")}  # fmt: skip
     assert vgg.adaptive_avg_pool(np.ones((1, 7, 7, 2)), 7).shape == (1, 7, 7, 2)
+
+
+@pytest.mark.parametrize("pooling", ["flatten", "classifier"])
+def test_a_torchvision_pth_trains_as_an_lp_ft_run(tmp_path, pooling):
+    """A .pth of torchvision's VGG as weights.source: ImageNet's normalisation (the family's
+    convention), the backbone from the file, a head sized by the features at the run's
+    resolution (flatten: 2 x 2 x 16 at 64 px), a cached probe, then fine-tuning."""
+    import json
+
+    from tlflax import config_lib, train
+
+    ref = _torchvision(batch_norm=True)
+    pth = tmp_path / "vgg_tiny.pth"
+    torch.save(ref.state_dict(), pth)
+    config = config_lib.get_base_config()
+    config.update_from_flattened_dict({
+        "model.name": "vgg_tiny", "data.source": "digits", "data.val_fraction": 0.1,
+        "data.image_size": 64, "data.batch_size": 16, "weights.source": str(pth),
+        "optim.strategy": "two_phase", "optim.probe": "cached", "optim.probe_steps": 2,
+        "optim.finetune_steps": 2, "train.log_every": 1,
+    })  # fmt: skip
+    config.model.overrides = {**TINY, "batch_norm": True, "pooling": pooling}
+    summary = train.train_and_evaluate(config, tmp_path / "run")
+    assert summary["steps"] == 4 and [p["strategy"] for p in summary["phases"]][0] == "linear_probe"
+    prep = json.loads((tmp_path / "run/preprocessing.json").read_text())
+    assert prep["mean"][0] == pytest.approx(0.485 * 255) and "imagenet convention" in prep["source"]
+    import orbax.checkpoint as ocp
+
+    restored = ocp.StandardCheckpointer().restore(tmp_path / "run/checkpoints/2/state")
+    kernel = np.asarray(restored["params"]["backbone"]["stage1"]["conv1"]["kernel"])
+    np.testing.assert_array_equal(
+        kernel, ref.features[0].weight.detach().numpy().transpose(2, 3, 1, 0)
+    )
+    head = restored["params"]["head"]["out"]["kernel"]
+    assert head.shape == ((2 * 2 * 16) if pooling == "flatten" else TINY["fc_width"], 10)
