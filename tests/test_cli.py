@@ -92,7 +92,7 @@ def test_unknown_command_and_missing_flags(capsys):
     assert main.main(["tlflax", "fly"]) == 2
     assert capsys.readouterr().err == (
         "tlflax: unknown command 'fly'; use one of train, eval, predict, inspect, export, "
-        "config (tlflax --help)\n"
+        "config, models (tlflax --help)\n"
     )
     assert main.main(["tlflax", "train", "--config", TINY]) == 2
     assert capsys.readouterr().err == "tlflax train: --workdir is required\n"
