@@ -154,6 +154,17 @@ def check_overrides(family: str, overrides: dict, allowed) -> None:
         raise ConfigError(f"{family}: unknown model option(s) {unknown}; known: {sorted(allowed)}")
 
 
+_NOT_FAMILIES = frozenset({"common", "heads", "layers"})
+
+
 def _import_families():
-    # Families register themselves on import; imported lazily to keep this module a leaf.
-    from tlflax.models import efficientnet_lite, resnet, vgg, vit  # noqa: F401
+    """Families register themselves on import: every module of tlflax.models but the shared
+    ones, imported lazily to keep this module a leaf (a new family is one new file)."""
+    import importlib
+    import pkgutil
+
+    from tlflax import models
+
+    for found in pkgutil.iter_modules(models.__path__):
+        if found.name not in _NOT_FAMILIES:
+            importlib.import_module(f"tlflax.models.{found.name}")

@@ -100,6 +100,7 @@ ARCHS["efficientnet_lite_tiny"].update(
 # (k, k, 1, C) has fan_out k*k in TF's count, which is flax's fan_in here.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _dw_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+DepthwiseConv = functools.partial(layers.DepthwiseConv, kernel_init=_dw_init)
 
 
 class BlockSpec(NamedTuple):
@@ -140,13 +141,6 @@ def block_layout(arch: dict) -> tuple[tuple[BlockSpec, ...], ...]:
     return tuple(layout)
 
 
-def _pad(kernel: int, stride: int, padding: str):
-    if padding == "same":
-        return "SAME"  # lax's SAME puts the odd pixel after: TF's rule
-    pad = ((stride - 1) + (kernel - 1)) // 2  # timm's get_padding
-    return ((pad, pad), (pad, pad))
-
-
 def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Module:
     if kernel == 1 and stride == 1:
         return layers.PointwiseConv(features, dtype=dtype, kernel_init=_conv_init, name=name)
@@ -154,67 +148,12 @@ def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Modu
         features,
         (kernel, kernel),
         strides=stride,
-        padding=_pad(kernel, stride, padding),
+        padding=layers.conv_padding(kernel, stride, padding),
         use_bias=False,
         dtype=dtype,
         kernel_init=_conv_init,
         name=name,
     )
-
-
-class DepthwiseConv(nn.Module):
-    """A kxk conv per channel; its `kernel` (k, k, 1, C) is nn.Conv's with groups = C.
-
-    impl 'shift' sums k*k shifted, strided slices times their weights: on CPU about 10x
-    faster than XLA's grouped convolution (Lite0: 66 s -> 12 s per 1000 images on 2
-    cores). 'conv' is the grouped convolution, for accelerators. 'auto' picks 'shift' when
-    the default backend is the CPU.
-    """
-
-    kernel: int
-    stride: int = 1
-    padding: str = "same"
-    impl: str = "auto"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        w = self.param("kernel", _dw_init, (self.kernel, self.kernel, 1, channels), jnp.float32)
-        x, w = x.astype(self.dtype), w.astype(self.dtype)
-        pads = _pad(self.kernel, self.stride, self.padding)
-        if pads == "SAME":
-            pads = [_same_pads(n, self.kernel, self.stride) for n in x.shape[1:3]]
-        impl = self.impl
-        if impl == "auto":
-            impl = "shift" if jax.default_backend() == "cpu" else "conv"
-        if impl == "conv":
-            return jax.lax.conv_general_dilated(
-                x, w, (self.stride,) * 2, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=channels,
-            )  # fmt: skip
-        return _depthwise_by_shifts(x, w[:, :, 0, :], stride=self.stride, pads=pads)
-
-
-def _same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-def _depthwise_by_shifts(x, w, *, stride: int, pads):
-    (top, bottom), (left, right) = pads
-    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    k = w.shape[0]
-    out_h = (x.shape[1] - k) // stride + 1
-    out_w = (x.shape[2] - k) // stride + 1
-    acc = jnp.promote_types(x.dtype, jnp.float32)  # k*k terms: sum in float32 at least
-    out = jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), acc)
-    for i in range(k):
-        for j in range(k):
-            end = (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1)
-            tap = jax.lax.slice(x, (0, i, j, 0), (*end, x.shape[3]), (1, stride, stride, 1))
-            out = out + tap.astype(acc) * w[i, j].astype(acc)
-    return out.astype(x.dtype)
 
 
 class LayerOptions(NamedTuple):
@@ -274,15 +213,8 @@ class MBConv(nn.Module):
         if not s.residual:
             return y
         if train and self.drop_connect > 0:
-            y = _drop_connect(y, rate=self.drop_connect, rng=self.make_rng("dropout"))
+            y = layers.drop_path(y, rate=self.drop_connect, rng=self.make_rng("dropout"))
         return x + y
-
-
-def _drop_connect(y, *, rate: float, rng: jax.Array):
-    """Zeroes the residual branch of whole examples; survivors are scaled by 1 / keep."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
-    return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
 
 
 class Stage(nn.Module):
