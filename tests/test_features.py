@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +19,8 @@ import pytest
 
 from tlflax import config_lib, features, state, train, tree
 from tlflax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(cache_dir, **values):
@@ -126,6 +133,51 @@ def test_a_run_resumed_inside_the_cached_probe_ends_bitwise_the_same(tmp_path):
     assert _losses(resumed).keys() >= {3, 4, 5, 6, 7}
     for step in (3, 4, 5, 6, 7):
         assert _losses(resumed)[step] == _losses(tmp_path / "whole")[step]
+
+
+# The killed run: numpy.save patched to SIGKILL the process right after the features array
+# of the first entry reaches the disk (in the entry's temporary folder, before meta.json and
+# the rename): the worst moment to die.
+_KILL_WHILE_CACHING = """
+import os, signal, sys
+import numpy as np
+real_save = np.save
+def save_then_die(file, arr, *args, **kwargs):
+    real_save(file, arr, *args, **kwargs)
+    if "features-" in str(file) and str(file).endswith("images.npy"):
+        os.kill(os.getpid(), signal.SIGKILL)
+np.save = save_then_die
+from tlflax import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_caching_features_leaves_no_entry_that_is_used(tmp_path):
+    """SIGKILL with half an entry on disk, then the same command: the half entry is never
+    read, the features are extracted again and the run finishes."""
+    cache, workdir = tmp_path / "cache", tmp_path / "run"
+    flags = [f"--config.{k}={v}" for k, v in (("optim.probe", "cached"),
+                                              ("data.cache_dir", cache))]  # fmt: skip
+    argv = ["tlflax", "train", "--config", str(ROOT / "tests" / "tiny_config.py"),
+            "--workdir", str(workdir), *flags]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_WHILE_CACHING, *argv], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    partial = [p for p in cache.iterdir() if p.name.startswith("features-")]
+    assert len(partial) == 1 and ".tmp-" in partial[0].name  # half an entry, never renamed
+    assert not (partial[0] / "meta.json").exists() and (partial[0] / "images.npy").exists()
+    again = subprocess.run([sys.executable, "-m", "tlflax.main", *argv[1:]], env=env,
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "features of train: built" in again.stderr and "loaded" not in again.stderr
+    complete = [p for p in cache.iterdir() if p.name.startswith("features-") and ".tmp-" not in
+                p.name]  # fmt: skip
+    assert sorted(p.name.split("-")[1] for p in complete) == ["eval", "train"]
+    for entry in complete:
+        assert features.cache.load(entry, dtype=np.float32, ndim=2) is not None
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 8
 
 
 @pytest.mark.parametrize(

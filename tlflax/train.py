@@ -56,20 +56,10 @@ def make_train_step(
     def step_fn(st: state.TrainState, batch):
         rngs = state.step_rngs(st, ("augment", "dropout"))
         images, targets = train_transform(rngs["augment"], batch["image"], batch["label"])
-
-        def loss_of(params):
-            variables = {"params": params}
-            if st.batch_stats:
-                variables["batch_stats"] = st.batch_stats
-            kwargs = dict(train=True, bn_train=bn_train, rngs={"dropout": rngs["dropout"]})
-            if bn_train and st.batch_stats:
-                logits, updated = apply_fn(variables, images, mutable=["batch_stats"], **kwargs)
-                new_stats = updated["batch_stats"]
-            else:
-                logits, new_stats = apply_fn(variables, images, **kwargs), st.batch_stats
-            loss = loss_fn(logits=logits, targets=targets, mask=batch["mask"])
-            return loss, (logits, new_stats)
-
+        loss_of = _make_loss_of(
+            apply_fn, loss_fn, st, images=images, targets=targets, mask=batch["mask"],
+            dropout_rng=rngs["dropout"], bn_train=bn_train,
+        )  # fmt: skip
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(st.params)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
         params = optax.apply_updates(st.params, updates)
@@ -88,6 +78,26 @@ def make_train_step(
         return new_state, metrics
 
     return step_fn
+
+
+def _make_loss_of(apply_fn, loss_fn, st, *, images, targets, mask, dropout_rng, bn_train: bool):
+    """params -> (loss, (logits, batch_stats after the forward pass)); BatchNorm statistics
+    update only when bn_train (and the model has any)."""
+
+    def loss_of(params):
+        variables = {"params": params}
+        if st.batch_stats:
+            variables["batch_stats"] = st.batch_stats
+        kwargs = dict(train=True, bn_train=bn_train, rngs={"dropout": dropout_rng})
+        if bn_train and st.batch_stats:
+            logits, updated = apply_fn(variables, images, mutable=["batch_stats"], **kwargs)
+            new_stats = updated["batch_stats"]
+        else:
+            logits, new_stats = apply_fn(variables, images, **kwargs), st.batch_stats
+        loss = loss_fn(logits=logits, targets=targets, mask=mask)
+        return loss, (logits, new_stats)
+
+    return loss_of
 
 
 # ----------------------------------------------------------------------------- loop
