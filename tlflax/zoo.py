@@ -30,6 +30,12 @@ def matching(pattern: str = "") -> list[str]:
     return found
 
 
+def is_test_variant(name: str) -> bool:
+    """The families' small variants for tests (resnet_tiny, convnext_test, ...); convnext_tiny
+    is a real model, listed with its weights before this is asked."""
+    return name.endswith(("_tiny", "_test"))
+
+
 def rows(pattern: str = "", *, cache_dir: str | None = None) -> list[dict]:
     """One row per (model, suggested weights source); a model's own columns on its first."""
     from tlflax.weights import sources
@@ -47,7 +53,7 @@ def rows(pattern: str = "", *, cache_dir: str | None = None) -> list[dict]:
         }
         suggested = sources.SUGGESTED.get(name, ())
         if not suggested:
-            out.append({**model, "pretrained": _TEST_VARIANT if "tiny" in name else "-"})
+            out.append({**model, "pretrained": _TEST_VARIANT if is_test_variant(name) else "-"})
         for i, source in enumerate(suggested):
             offline = sources.available_offline(source, cache_dir=cache_dir)
             out.append(
