@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras models are references in tests (tests/test_keras_weights.py): on JAX, never TensorFlow.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # TensorFlow (TFDS tests) and torch's triton (the torchvision / timm references) crash the
 # process when TensorFlow's libraries load first (segfault inside triton's import; TF 2.20,

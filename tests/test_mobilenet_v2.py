@@ -2,6 +2,7 @@
 too), names and shapes pinned against the full-size state dicts, loud loads, depth maps."""
 
 import functools
+import json
 
 import jax
 import numpy as np
@@ -356,11 +357,14 @@ def test_a_torchvision_pth_trains_last_k(tmp_path):
     config.update_from_flattened_dict({
         "model.name": "mobilenet_v2_tiny", "data.source": "digits", "data.val_fraction": 0.1,
         "data.image_size": 32, "data.batch_size": 16, "weights.source": str(pth),
-        "weights.preprocessing": "imagenet", "optim.strategy": "last_k", "optim.k": 2,
+        "optim.strategy": "last_k", "optim.k": 2,
         "train.steps": 2, "train.log_every": 1,
     })  # fmt: skip
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["steps"] == 2
+    # A torchvision .pth carries no preprocessing: the family's convention (ImageNet mean/std).
+    prep = json.loads((tmp_path / "run/preprocessing.json").read_text())
+    assert prep["mean"] == [0.485 * 255, 0.456 * 255, 0.406 * 255] and "imagenet" in prep["source"]
     restored = ocp.StandardCheckpointer().restore(tmp_path / "run/checkpoints/2/state")
     params = restored["params"]["backbone"]
     stem = ref.features[0][0].weight.detach().numpy().transpose(2, 3, 1, 0)

@@ -364,7 +364,7 @@ def test_preprocessing_validation_and_rescaling():
     with pytest.raises(ValueError, match="std must be positive"):
         pp.Preprocessing((0, 0, 0), (1, 0, 1), 224, 256)
     with pytest.raises(ValueError, match="unknown preprocessing"):
-        pp.named("caffe", resolution=224)
+        pp.named("bgr", resolution=224)
     lite = pp.lite(224)
     assert lite.at_resolution(128).resize == round(128 / 0.875)
     assert pp.Preprocessing.from_json(lite.to_json()) == lite

@@ -1,9 +1,12 @@
 """How a pretrained checkpoint expects its pixels: carried with the weights.
 
 Values are in 0..255 pixel units, so normalisation is `(x - mean) / std` on the
-raw uint8 image. The three conventions users meet:
+raw uint8 RGB image. The conventions users meet:
   ImageNet mean/std (torchvision, HF ResNet), `(x - 127) / 128` (EfficientNet-Lite),
-  and [-1, 1] = `(x - 127.5) / 127.5` (Google ViT, Keras Xception).
+  [-1, 1] = `(x - 127.5) / 127.5` (Google ViT, Keras Xception and MobileNetV2), and
+  Keras' 'caffe' mode (keras.applications VGG16/19, ResNet50): the ImageNet mean pixel
+  subtracted, unscaled, from BGR images. tlflax feeds RGB: a converter of 'caffe' weights
+  reverses the input channels of the first conv's kernel, and the mean is given in RGB.
 Pairing a checkpoint with the wrong one fails silently (11 points on Lite0), so a
 checkpoint's preprocessing travels with it and is saved in the run's workdir.
 """
@@ -88,11 +91,25 @@ def lite(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocessing:
     return Preprocessing((127.0,) * 3, (128.0,) * 3, resolution, round(resolution / crop_pct), **kw)
 
 
-NAMED = {"imagenet": imagenet, "minus_one_to_one": minus_one_to_one, "lite": lite}
+CAFFE_MEAN = (123.68, 116.779, 103.939)  # Keras' BGR mean pixel, in RGB order
+
+
+def caffe(resolution: int = 224, crop_pct: float = 0.875, **kw) -> Preprocessing:
+    """Keras' 'caffe' mode in RGB: x - mean pixel, no scaling (with the first conv's input
+    channels reversed by the converter, as Keras feeds BGR)."""
+    return Preprocessing(CAFFE_MEAN, (1.0,) * 3, resolution, round(resolution / crop_pct), **kw)
+
+
+NAMED = {
+    "imagenet": imagenet,
+    "minus_one_to_one": minus_one_to_one,
+    "lite": lite,
+    "caffe": caffe,
+}
 
 
 def named(name: str, *, resolution: int, crop_pct: float = 0.875) -> Preprocessing:
-    """Preprocessing by convention name: 'imagenet', 'minus_one_to_one' or 'lite'."""
+    """Preprocessing by convention name: 'imagenet', 'minus_one_to_one', 'lite' or 'caffe'."""
     if name not in NAMED:
         raise ValueError(f"unknown preprocessing {name!r}; use one of {sorted(NAMED)}")
     return NAMED[name](resolution, crop_pct, source=f"named:{name}")

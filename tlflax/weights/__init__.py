@@ -1,6 +1,6 @@
 """One entry point for pretrained weights: `load_pretrained(spec, source, variables=...)`.
 
-source -> files (sources.py) -> flat arrays (readers.py, torchfile.py) -> tlflax names
+source -> files (sources.py) -> flat arrays (readers.py, torchfile.py, keras.py) -> tlflax names
 (convert_<family>.py) -> merged into the initialised variables, failing loudly
 (merge.py) -> with the preprocessing the weights were trained with.
 """
@@ -35,8 +35,25 @@ __all__ = [
 # checkpoint uses (x - 127) / 128; Google's ViT .npz files use [-1, 1].
 # Families whose every PyTorch checkpoint has one normalisation (torchvision's VGG weights,
 # which timm's are too, use ImageNet's mean / std).
-_FAMILY_CONVENTION = {"efficientnet_lite": "lite", "vgg": "imagenet"}
+_FAMILY_CONVENTION = {
+    "efficientnet_lite": "lite",
+    "vgg": "imagenet",
+    "mobilenet_v2": "imagenet",
+    "xception": "minus_one_to_one",
+}
 _FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
+# Keras files (.h5 .hdf5 .keras, keras:NAME) carry no preprocessing: that of keras.applications'
+# preprocess_input for the family, by name, or a function (checkpoint, spec) -> Preprocessing
+# for a family whose Keras models normalise inside (EfficientNet: Rescaling + Normalization
+# layers, their mean / variance in the file). 'caffe' (VGG, ResNet50) feeds BGR in Keras: the
+# family's converter reverses the first conv's input channels, so that tlflax feeds RGB.
+_KERAS_CONVENTION = {
+    "vgg": "caffe",
+    "xception": "minus_one_to_one",  # Keras' 'tf' mode: x / 127.5 - 1
+    "mobilenet_v2": "minus_one_to_one",
+    # ResNet50 (caffe) once convert_resnet reads Keras files and flips its stem conv.
+}
+KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 # transformers checkpoints without preprocessor_config.json: the convention of every
 # official checkpoint of that model_type (microsoft/resnet-*, google/vit-*).
 _HF_MODEL_TYPE = {"resnet": ("imagenet", 0.875), "vit": ("minus_one_to_one", 1.0)}
@@ -104,6 +121,8 @@ def preprocessing_of(checkpoint: sources.Checkpoint, *, spec) -> pp.Preprocessin
     if "pretrained_cfg" in config:
         return pp.from_timm(config["pretrained_cfg"], source=f"{src} config.json")
     suffix = checkpoint.files[0].suffix.lower()
+    if checkpoint.origin == "keras" or suffix in KERAS_SUFFIXES:
+        return _keras_preprocessing(checkpoint, spec=spec)
     if spec.family in _FAMILY_CONVENTION or suffix in _FORMAT_CONVENTION:
         name = _FAMILY_CONVENTION.get(spec.family) or _FORMAT_CONVENTION[suffix]
         prep = dataclasses.replace(spec.preprocessing, source=f"{src} ({name} convention)")
@@ -118,6 +137,31 @@ def preprocessing_of(checkpoint: sources.Checkpoint, *, spec) -> pp.Preprocessin
     raise ConfigError(
         f"weights {src!r} carry no preprocessing metadata (no preprocessor_config.json or "
         "timm config.json beside them); say which normalisation they were trained with: "
-        "weights.preprocessing='imagenet' | 'minus_one_to_one' | 'lite' "
+        "weights.preprocessing='imagenet' | 'minus_one_to_one' | 'lite' | 'caffe' "
         "(or pass preprocessing= to load_pretrained)"
+    )
+
+
+def _keras_preprocessing(checkpoint: sources.Checkpoint, *, spec) -> pp.Preprocessing:
+    """keras.applications' convention for the family, at the model's resolution."""
+    convention = _KERAS_CONVENTION.get(spec.family)
+    if convention is None:
+        raise ConfigError(
+            f"weights {checkpoint.source!r} are a Keras file, and tlflax knows no Keras "
+            f"preprocessing for {spec.family} models (known: {', '.join(_KERAS_CONVENTION)}); "
+            "say which normalisation they were trained with: weights.preprocessing="
+            "'caffe' | 'minus_one_to_one' | 'imagenet' | 'lite'"
+        )
+    if callable(convention):
+        return convention(checkpoint, spec)
+    conv = pp.named(
+        convention,
+        resolution=spec.preprocessing.resolution,
+        crop_pct=spec.preprocessing.crop_pct,
+    )
+    return dataclasses.replace(
+        spec.preprocessing,
+        mean=conv.mean,
+        std=conv.std,
+        source=f"{checkpoint.source} (Keras {spec.family}: {convention} convention)",
     )

@@ -1,6 +1,6 @@
 """VGG checkpoints -> tlflax names (tlflax.models.vgg).
 
-Two naming schemes, recognised from the keys:
+Three naming schemes, recognised from the keys:
   'torchvision'  torchvision's vgg*[_bn] state dicts (vgg16-397923af.pth ...):
                  features.{k}.{weight,bias[,running_mean,running_var]} in the order conv,
                  [bn,] relu per conv and a max pool per stage; classifier.{0,3}.* (fc1, fc2),
@@ -8,9 +8,17 @@ Two naming schemes, recognised from the keys:
   'timm'         timm's vgg* (their weights are torchvision's): the same features.*, the fc
                  layers as convs, pre_logits.fc1 (4096, 512, 7, 7) and pre_logits.fc2
                  (4096, 4096, 1, 1), and head.fc.*.
+  'keras'        keras.applications' VGG16 / VGG19 (tlflax.weights.keras: .h5, .weights.h5,
+                 .keras): block{i}_conv{j}/{kernel,bias}, fc1, fc2, predictions (the
+                 1000-class layer); the *_notop files stop at the convs. A Keras 3 file that
+                 names no layer is read by Keras' numbering (conv2d, conv2d_1, ...; dense ...).
 fc1 reads the flattened 7 x 7 map: PyTorch flattens it channels first, tlflax (NHWC) channels
-last, so its kernel's rows are reordered. With pooling 'avg' or 'flatten' the model has no fc
-layers: the checkpoint's are left out, saying so.
+last, so its kernel's rows are reordered; Keras flattens NHWC as tlflax does. Keras' VGG
+takes BGR images ('caffe' preprocessing): the first conv's kernel has its input channels
+reversed, so that the model takes RGB (weights/__init__.py gives the RGB mean). With
+pooling 'avg' or 'flatten' the model has no fc layers: the checkpoint's are left out, saying
+so; with 'classifier', a checkpoint without them (Keras' notop) is refused, saying which
+pooling reads it.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ import re
 import numpy as np
 
 from tlflax.errors import ConfigError
+from tlflax.weights import keras
 from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.merge import CheckpointMismatchError
 
-SCHEMES = ("torchvision", "timm")
+SCHEMES = ("torchvision", "timm", "keras")
 _IGNORED_BN = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
 
@@ -31,10 +41,16 @@ def detect_scheme(state) -> str:
         return "timm"
     if any(k.startswith("features.") for k in state):
         return "torchvision"
+    if any(_KERAS_LAYER.match(k) for k in state):
+        return "keras"
     raise ConfigError(
-        f"not a VGG checkpoint: no 'features.*' keys (first keys: {sorted(state)[:5]}); "
-        "tlflax reads torchvision and timm VGG state dicts"
+        f"not a VGG checkpoint: no 'features.*' or 'block1_conv1/*' keys (first keys: "
+        f"{sorted(state)[:5]}); tlflax reads torchvision's, timm's and keras.applications' VGG"
     )
+
+
+# keras.applications' layer names; 'layers/conv2d/': a Keras 3 file that names no layer.
+_KERAS_LAYER = re.compile(r"(block\d+_conv\d+|fc[12]|predictions|layers/conv2d)/")
 
 
 def feature_modules(depths, *, batch_norm: bool) -> dict[int, tuple[str, str]]:
@@ -83,6 +99,54 @@ def _module_of(key: str, *, features: dict, scheme: str):
     return (f"backbone/{name}", "fc") if name else None
 
 
+def _keras_state(state, depths) -> dict[str, np.ndarray]:
+    """Keras' names for every array (by Keras' numbering where the file names no layer)."""
+    convs = [f"block{i}_conv{j}" for i, d in enumerate(depths, 1) for j in range(1, d + 1)]
+    state = keras.by_order(state, {"conv2d": convs, "dense": ["fc1", "fc2", "predictions"]})
+    return keras.name_vars(state, lambda layer: _KERAS_KINDS.get(_keras_module(layer)[1]))
+
+
+_KERAS_KINDS = {"conv": "Conv2D", "fc": "Dense", "dense": "Dense"}
+
+
+def _keras_module(layer: str) -> tuple[str | None, str | None]:
+    """(tlflax module, kind) of a Keras VGG layer."""
+    m = re.fullmatch(r"block(\d+)_conv(\d+)", layer)
+    if m:
+        return f"backbone/stage{m[1]}/conv{m[2]}", "conv"
+    if layer in ("fc1", "fc2"):
+        return f"backbone/{layer}", "fc"
+    return ("head/out", "dense") if layer == "predictions" else (None, None)
+
+
+def _convert_keras(state, arch) -> Converted:
+    state = _keras_state(state, arch["depths"])
+    has_fc = arch["pooling"] == "classifier"
+    if has_fc and not any(k.startswith(("fc1/", "fc2/")) for k in state):
+        raise CheckpointMismatchError(
+            "the Keras VGG checkpoint has no fc layers (fc1, fc2: a *_notop file, saved with "
+            "include_top=False), and pooling='classifier' needs them; use pooling='flatten' "
+            "(the last map flattened, as Keras' transfer recipes do) or pooling='avg' "
+            "(config.model.overrides)"
+        )
+    variables: dict[str, np.ndarray] = {}
+    ignored: dict[str, str] = {}
+    for key, value in state.items():
+        layer, _, leaf = key.rpartition("/")
+        module, kind = _keras_module(layer)
+        if kind == "fc" and not has_fc:
+            ignored[key] = f"pooling={arch['pooling']!r}: the model has no fc layers"
+            continue
+        if module is None or leaf not in ("kernel", "bias"):
+            variables[UNEXPECTED_PREFIX + key] = np.asarray(value)
+            continue
+        value = np.asarray(value)
+        if module == "backbone/stage1/conv1" and leaf == "kernel":
+            value = np.ascontiguousarray(value[:, :, ::-1, :])  # BGR input -> RGB input
+        variables[f"params/{module}/{leaf}"] = value
+    return Converted(variables, "keras", ignored)
+
+
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """A VGG checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
@@ -90,6 +154,8 @@ def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
         raise ConfigError(f"convert_vgg got a {spec.family!r} model ({spec.name}); use its own")
     scheme = detect_scheme(state)
     arch = spec.arch
+    if scheme == "keras":
+        return _convert_keras(state, arch)
     features = feature_modules(arch["depths"], batch_norm=arch["batch_norm"])
     has_fc = arch["pooling"] == "classifier"
     variables: dict[str, np.ndarray] = {}

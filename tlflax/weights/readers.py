@@ -2,7 +2,8 @@
 
 No torch and no TensorFlow: safetensors through the safetensors library (its numpy
 API: memory-mapped, header and offsets validated before any tensor is read), torch
-pickles by tlflax.weights.torchfile.
+pickles by tlflax.weights.torchfile, Keras files (.h5, .keras) by tlflax.weights.keras
+(h5py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ FORMATS = {
     ".ckpt": "torch",
     ".msgpack": "msgpack",
     ".npz": "npz",
+    ".h5": "keras",  # Keras 2 model.save / save_weights, Keras 3 .weights.h5
+    ".hdf5": "keras",  # Keras 2 ModelCheckpoint's usual name
+    ".keras": "keras",  # Keras 3 model.save
 }
 
 
@@ -54,6 +58,10 @@ def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         from tlflax.weights import torchfile
 
         return torchfile.load_torch_file(path)
+    if fmt == "keras":
+        from tlflax.weights import keras  # h5py: imported only for Keras files
+
+        return keras.read(path)
     reader = {"safetensors": read_safetensors, "msgpack": read_msgpack, "npz": read_npz}[fmt]
     try:
         return reader(path)

