@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -40,6 +41,7 @@ _FAMILY_CONVENTION = {
     "vgg": "imagenet",
     "mobilenet_v2": "imagenet",
     "xception": "minus_one_to_one",
+    "convnext": "imagenet",
 }
 _FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
 # Keras files (.h5 .hdf5 .keras, keras:NAME) carry no preprocessing: that of keras.applications'
@@ -50,13 +52,18 @@ _FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
 _KERAS_CONVENTION = {
     "vgg": "caffe",
     "xception": "minus_one_to_one",  # Keras' 'tf' mode: x / 127.5 - 1
-    "mobilenet_v2": "minus_one_to_one",
+    # 'tf' mode, at the resolution keras.applications' file name gives (..._0.35_96.h5: 96)
+    "mobilenet_v2": lambda checkpoint, spec: _keras_mobilenet_v2(checkpoint, spec),
     # ResNet50 (caffe) once convert_resnet reads Keras files and flips its stem conv.
 }
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 # transformers checkpoints without preprocessor_config.json: the convention of every
 # official checkpoint of that model_type (microsoft/resnet-*, google/vit-*).
-_HF_MODEL_TYPE = {"resnet": ("imagenet", 0.875), "vit": ("minus_one_to_one", 1.0)}
+_HF_MODEL_TYPE = {
+    "resnet": ("imagenet", 0.875),
+    "vit": ("minus_one_to_one", 1.0),
+    "convnext": ("imagenet", 0.875),
+}
 
 
 @dataclasses.dataclass
@@ -165,3 +172,23 @@ def _keras_preprocessing(checkpoint: sources.Checkpoint, *, spec) -> pp.Preproce
         std=conv.std,
         source=f"{checkpoint.source} (Keras {spec.family}: {convention} convention)",
     )
+
+
+# keras.applications.MobileNetV2's files: ..._<alpha>_<rows>.h5 or ..._<alpha>_<rows>_no_top.h5
+_KERAS_MOBILENET_V2_FILE = re.compile(
+    r"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_[0-9.]+_(\d+)(?:_no_top)?\.h5"
+)
+
+
+def _keras_mobilenet_v2(checkpoint: sources.Checkpoint, spec) -> pp.Preprocessing:
+    """Keras' 'tf' mode ([-1, 1]); at the resolution the weights were trained at where the
+    file is keras.applications' own (its name says it), else the model's."""
+    prep = pp.minus_one_to_one(spec.preprocessing.resolution, spec.preprocessing.crop_pct)
+    m = _KERAS_MOBILENET_V2_FILE.fullmatch(checkpoint.files[0].name)
+    resolution = int(m[1]) if m else spec.preprocessing.resolution
+    return dataclasses.replace(
+        spec.preprocessing,
+        mean=prep.mean,
+        std=prep.std,
+        source=f"{checkpoint.source} (Keras mobilenet_v2: minus_one_to_one convention)",
+    ).at_resolution(resolution)

@@ -52,7 +52,9 @@ class KerasFile:
     models: tuple[str, ...]  # the tlflax models it fits
     filename: str  # its name in Keras' cache (<KERAS_HOME>/models/)
     url: str  # where keras.applications downloads it
-    file_hash: str  # what keras.applications checks: md5 (32 hex digits) or sha256 (64)
+    # What keras.applications checks: md5 (32 hex digits) or sha256 (64); None where it
+    # checks none (MobileNetV2's files): then the download is checked by reading it.
+    file_hash: str | None
 
 
 _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -61,6 +63,14 @@ _KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
 def _keras_vgg(depth: int, top: bool, file_hash: str) -> KerasFile:
     name = f"vgg{depth}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5"
     return KerasFile((f"vgg{depth}",), name, f"{_KERAS_URL}vgg{depth}/{name}", file_hash)
+
+
+def _keras_mobilenet_v2(alpha: float, rows: int, top: bool) -> KerasFile:
+    """keras.applications.MobileNetV2(alpha, input rows): get_file is given no hash."""
+    name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}"
+    name += ".h5" if top else "_no_top.h5"
+    models = ("mobilenet_v2", "mobilenet_v2_140") if alpha == 1.4 else ("mobilenet_v2",)
+    return KerasFile(models, name, f"{_KERAS_URL}mobilenet_v2/{name}", None)
 
 
 # 'keras:NAME' sources: keras.applications' file names, URLs and hashes (keras/src/applications).
@@ -81,6 +91,16 @@ KERAS_FILES = {
         f"{_KERAS_URL}xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
         "b0042744bf5b25fce3cb969f33bebb97",
     ),
+    # keras:mobilenet_v2_<alpha>_<rows>[_notop]: alpha (the model's width) 0.35 ... 1.4,
+    # trained at rows x rows px.
+    **{
+        f"mobilenet_v2_{alpha:.2f}_{rows}{'' if top else '_notop'}": _keras_mobilenet_v2(
+            alpha, rows, top
+        )
+        for alpha in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+        for rows in (96, 128, 160, 192, 224)
+        for top in (True, False)
+    },
 }
 
 # Where users find ImageNet weights for each model (hub ids; offline: a local copy of them).
@@ -105,6 +125,14 @@ SUGGESTED = {
     "mobilenet_v2": ("timm:mobilenetv2_100.ra_in1k",),
     "mobilenet_v2_140": ("timm:mobilenetv2_140.ra_in1k",),
     "xception": ("timm:legacy_xception.tf_in1k", "keras:xception"),
+    **{
+        f"convnext_{s}": (
+            f"timm:convnext_{s}.fb_in22k_ft_in1k",
+            f"timm:convnext_{s}.fb_in1k",
+            f"hf:facebook/convnext-{s}-224",
+        )
+        for s in ("tiny", "small", "base", "large")
+    },  # fmt: skip
 }
 
 
@@ -477,8 +505,9 @@ def _download_keras(source: str, entry: KerasFile) -> pathlib.Path:
             f"weights {source!r}: {entry.filename} is not in Keras' cache ({folder}) and "
             f"downloading it failed ({why}); {how}"
         ) from e
-    digest = _file_hash(partial, entry.file_hash)
-    if digest != entry.file_hash:
+    if entry.file_hash is None:
+        _check_unhashed(source, entry, partial)
+    elif (digest := _file_hash(partial, entry.file_hash)) != entry.file_hash:
         partial.unlink(missing_ok=True)
         raise CorruptCheckpointError(
             f"weights {source!r}: the file downloaded from {entry.url} has hash {digest}, "
@@ -486,3 +515,25 @@ def _download_keras(source: str, entry: KerasFile) -> pathlib.Path:
         )
     os.replace(partial, target)
     return target
+
+
+def _check_unhashed(source: str, entry: KerasFile, path: pathlib.Path) -> None:
+    """keras.applications pins no hash for this file: the download is read as a Keras file
+    (a truncated or foreign one fails), and the log says that this is all that was checked."""
+    from tlflax.weights import keras
+    from tlflax.weights.readers import CorruptCheckpointError
+
+    logging.getLogger("tlflax").warning(
+        "%s: keras.applications pins no hash for %s; checked only by reading it",
+        source,
+        entry.filename,
+    )
+    try:
+        keras.read_layers(path)
+    except CorruptCheckpointError as e:
+        path.unlink(missing_ok=True)
+        raise CorruptCheckpointError(
+            f"weights {source!r}: the file downloaded from {entry.url} is not a readable Keras "
+            "file (keras.applications pins no hash for it: reading it is the check); it was "
+            "removed; download it again"
+        ) from e
