@@ -20,13 +20,13 @@ task's log.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 
 import submitit
 
-PER = ("gpu", "node")
+from tlflax import sweep
+
+PER = sweep.PER
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -72,23 +72,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def timeout_minutes(text: str) -> int:
     """Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; rounded up to minutes."""
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not match:
-        raise SystemExit(f"--time={text!r}: use minutes, H:MM:SS or D-HH:MM:SS (e.g. 4:00:00)")
-    days, a, b, c = (int(x) if x else None for x in match.groups())
-    if days is not None:  # D-H[:M[:S]]
-        seconds = ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
-    elif c is not None:  # H:M:S
-        seconds = (a * 60 + b) * 60 + c
-    else:  # M or M:S
-        seconds = a * 60 + (b or 0)
-    return max(1, -(-seconds // 60))
+    try:
+        return sweep.timeout_minutes(text)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def tasks_per_node(args: argparse.Namespace) -> int:
-    if args.tasks_per_node:
-        return args.tasks_per_node
-    return args.gpus_per_node if args.per == "gpu" and args.gpus_per_node else 1
+    return sweep.tasks_per_node(
+        per=args.per, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node
+    )
 
 
 def executor_parameters(args: argparse.Namespace) -> dict:
@@ -97,82 +90,25 @@ def executor_parameters(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--nodes={args.nodes} with --local / --debug: they run one node; use 1")
     if args.debug and tasks_per_node(args) != 1:
         raise SystemExit("--debug runs one task in this process; use --local for several")
-    params = dict(
+    timeout_minutes(args.time)  # a bad --time is this launcher's SystemExit
+    return sweep.executor_parameters(
         name=args.name,
         nodes=args.nodes,
-        tasks_per_node=tasks_per_node(args),
+        tasks=tasks_per_node(args),
         gpus_per_node=args.gpus_per_node,
-        timeout_min=timeout_minutes(args.time),
+        time_limit=args.time,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+        slurm={k: getattr(args, k) for k in ("partition", "account", "qos", "constraint")},
     )
-    if args.cpus_per_task:
-        params["cpus_per_task"] = args.cpus_per_task
-    if args.mem_gb:
-        params["mem_gb"] = args.mem_gb
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(args, key):
-            params[f"slurm_{key}"] = getattr(args, key)
-    return params
 
 
-def coordinator_of(*, hostnames, num_nodes: int, job_id: str, port: int) -> str:
-    """host:port of process 0: the job's first host; a port every task derives alike."""
-    host = "127.0.0.1" if num_nodes == 1 else hostnames[0]
-    if not port:
-        port = 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
-    return f"{host}:{port}"
-
-
-def train_argv(run: list[str], *, n_tasks: int, rank: int, coordinator: str) -> list[str]:
-    """`tlflax train` argv for one task (the distributed flags only with several tasks)."""
-    config, workdir, *overrides = run
-    argv = ["tlflax", "train", "--config", config, "--workdir", workdir, *overrides]
-    if n_tasks > 1:
-        argv += [
-            "--config.train.distributed=True",
-            f"--config.train.coordinator_address={coordinator}",
-            f"--config.train.num_processes={n_tasks}",
-            f"--config.train.process_id={rank}",
-        ]
-    return argv
-
-
-def local_device_ids(*, per: str, gpus_per_node: int, local_rank: int) -> str:
-    """The GPUs one task uses. Said explicitly: on Slurm, jax would otherwise give each task
-    the one GPU of its SLURM_LOCALID, which is right for --per gpu only."""
-    if per == "gpu":
-        return str(local_rank)
-    return ",".join(str(i) for i in range(gpus_per_node))
-
-
-class TrainTask(submitit.helpers.Checkpointable):
-    """What every task runs. Checkpointable: on preemption / timeout submitit requeues the
-    same call, and tlflax resumes from the workdir's checkpoint."""
-
-    def __init__(self, run: list[str], *, port: int, per: str, gpus_per_node: int):
-        self.run, self.port, self.per, self.gpus_per_node = run, port, per, gpus_per_node
-        self.cwd = os.getcwd()  # relative CONFIG / WORKDIR / data paths stay valid
-
-    def __call__(self) -> int:
-        env = submitit.JobEnvironment()
-        os.chdir(self.cwd)
-        if self.gpus_per_node and "JAX_LOCAL_DEVICE_IDS" not in os.environ:
-            os.environ["JAX_LOCAL_DEVICE_IDS"] = local_device_ids(
-                per=self.per, gpus_per_node=self.gpus_per_node, local_rank=env.local_rank
-            )
-        coordinator = coordinator_of(
-            hostnames=env.hostnames, num_nodes=env.num_nodes, job_id=env.job_id, port=self.port
-        )
-        argv = train_argv(
-            self.run, n_tasks=env.num_tasks, rank=env.global_rank, coordinator=coordinator
-        )
-        from tlflax import main  # jax is imported here, after the environment is set
-
-        # ml_collections finds --config.key=value overrides in sys.argv, not in main()'s argv.
-        sys.argv = argv
-        code = main.main(argv)
-        if code:
-            raise RuntimeError(f"task {env.global_rank}: {' '.join(argv)} exited {code}")
-        return code
+# The task and what it derives from the job's environment are shared with `tlflax sweep
+# --executor slurm` (tlflax/sweep.py), which submits one such job per point of a grid.
+coordinator_of = sweep.coordinator_of
+train_argv = sweep.train_argv
+local_device_ids = sweep.local_device_ids
+TrainTask = sweep.TrainTask
 
 
 def submit(args: argparse.Namespace, run: list[str]):

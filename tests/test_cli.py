@@ -92,7 +92,7 @@ def test_unknown_command_and_missing_flags(capsys):
     assert main.main(["tlflax", "fly"]) == 2
     assert capsys.readouterr().err == (
         "tlflax: unknown command 'fly'; use one of train, eval, predict, inspect, export, "
-        "config, models (tlflax --help)\n"
+        "config, models, sweep, compare (tlflax --help)\n"
     )
     assert main.main(["tlflax", "train", "--config", TINY]) == 2
     assert capsys.readouterr().err == "tlflax train: --workdir is required\n"
@@ -120,3 +120,19 @@ def test_config_errors_are_one_clear_line(argv, message, tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("sweep", ["--set", "--zip", "--seeds", "--executor", "--tpu", "--partition", "--slurm"]),
+        ("compare", ["--by", "--metric", "--out"]),
+    ],
+)
+def test_sweep_and_compare_explain_their_flags(command, flags, capsys):
+    assert main.main(["tlflax", command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: tlflax {command} ")
+    assert all(f"  {flag}: " in out for flag in flags), out
+    assert main.main(["tlflax", "--help"]) == 0
+    assert f"  {command} " in capsys.readouterr().out

@@ -70,8 +70,11 @@ def test_class_layout_with_seeded_stratified_validation(tmp_path):
     assert ds.manifest["splits"]["eval"]["images_per_class"] == {"cat": 2, "dog": 1, "emu": 1}
     assert ds.train.n_examples + ds.eval.n_examples == 18
     again = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
-    other = data.build_datasets(config, image_size=8, resize=8, seed=5, workdir=str(tmp_path))
     np.testing.assert_array_equal(again.eval.images, ds.eval.images)
+    same = data.build_datasets(config, image_size=8, resize=8, seed=5, workdir=str(tmp_path))
+    np.testing.assert_array_equal(same.eval.images, ds.eval.images)  # the seed keeps the split
+    config.split_seed = 5  # data.split_seed carves another
+    other = data.build_datasets(config, image_size=8, resize=8, seed=0, workdir=str(tmp_path))
     assert not np.array_equal(other.eval.images, ds.eval.images)
 
 

@@ -37,7 +37,43 @@ def cmd_train(flags, config, positional) -> int:
     workdir = _need(flags.workdir, "workdir", "train")
     if positional:
         raise errors.UserError(f"unexpected arguments {positional}")
-    train.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir, record=command_line(flags))
+    return 0
+
+
+def command_line(flags) -> dict:
+    """What summary.json records of the command: the config file with its :ARGS, and the
+    --config.KEY=value overrides given (a sweep's point is told apart by them)."""
+    overrides = {
+        name[len("config.") :]: flags[name].value
+        for name in flags
+        if name.startswith("config.") and flags[name].present
+    }
+    return {"config_file": flags["config"].config_filename, "overrides": overrides}
+
+
+def cmd_sweep(flags, config, positional) -> int:
+    """Every point of a grid over overrides, checked first, run by an executor."""
+    from tlflax import sweep
+
+    _need(config, "config", "sweep")
+    root = _need(flags.workdir, "workdir", "sweep")
+    if positional:
+        raise errors.UserError(f"unexpected arguments {positional}")
+    plan = sweep.plan_from_flags(flags, root=root)
+    return sweep.run(plan)
+
+
+def cmd_compare(flags, config_unused, positional) -> int:
+    """The table of runs (seeds pooled) and its charts."""
+    from tlflax import compare
+
+    if not positional:
+        raise errors.UserError("give one or more sweep roots or run workdirs")
+    by = [k.strip() for item in flags.by for k in item.split(",") if k.strip()]
+    result = compare.compare(positional, by=by, metric=flags.metric, out=flags.out)
+    print(result.markdown)
+    print(f"\n{result.where}")
     return 0
 
 

@@ -11,7 +11,12 @@ Each section is built by its own function below.
 
 from __future__ import annotations
 
+import re
+import sys
+import traceback
+
 import ml_collections
+from absl import flags as absl_flags
 
 ConfigDict = ml_collections.ConfigDict
 FieldReference = ml_collections.FieldReference
@@ -19,7 +24,7 @@ FieldReference = ml_collections.FieldReference
 
 def get_base_config() -> ConfigDict:
     config = ConfigDict()
-    config.seed = 0  # one seed for init, data order and augmentation
+    config.seed = 0  # init, data order, augmentation, dropout; not the carved split (split_seed)
     config.model = _model_config()
     config.weights = _weights_config()
     config.data = _data_config()
@@ -85,6 +90,7 @@ def _data_config() -> ConfigDict:
     # > 0: carve a stratified, seeded validation split out of train; 0: the source's own
     # eval split; < 0 (auto): a folder's eval split if it has one, else carve 20 %.
     c.val_fraction = 0.0
+    c.split_seed = 0  # the carved validation split's seed: repeats over `seed` keep one split
     c.image_size = 0  # 0: the weights' preprocessing resolution
     c.batch_size = 32  # global batch, across all devices and hosts
     c.eval_batch_size = 0  # 0: same as batch_size
@@ -260,6 +266,8 @@ def from_json(text: str) -> ConfigDict:
     import json
 
     saved = json.loads(text)
+    if "split_seed" not in saved.get("data", {"split_seed": 0}):  # saved before it existed:
+        saved["data"]["split_seed"] = saved.get("seed", 0)  # the seed carved the split then
     config = get_base_config()
     _update_checked(config, saved, prefix="")
     return lock(config)
@@ -306,3 +314,73 @@ def _typed(key: str, text: str, default):
         return type(default)(text)
     except ValueError as e:
         raise ValueError(f"config argument {key}={text!r}: not a {type(default).__name__}") from e
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+# What loading a config file with overrides raises for a user's mistake (absl wraps a
+# get_config()'s ValueError and TypeError in a flags.Error).
+LOAD_ERRORS = (absl_flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
+
+
+def load(config_arg: str, overrides=()) -> ConfigDict:
+    """The config `tlflax train --config CONFIG_ARG OVERRIDES...` trains (CONFIG_ARG a file
+    path with its :ARGS; overrides: '--config.KEY=VALUE' flags), parsed as that command
+    parses it. Raises ValueError with load_error()'s one line where it would refuse; sweeps
+    build every point's config with it before running any."""
+    from ml_collections import config_flags
+
+    values = absl_flags.FlagValues()
+    holder = config_flags.DEFINE_config_file("config", None, "config", flag_values=values)
+    argv = ["tlflax", "--config", config_arg, *overrides]
+    saved, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv
+    try:
+        values(argv)
+        config = holder.value
+        config.get("seed")  # a config file that could not be loaded raises on first use
+    except LOAD_ERRORS as e:
+        raise ValueError(load_error(e)) from None
+    finally:
+        sys.argv = saved
+    return config
+
+
+def load_error(error: BaseException) -> str:
+    """What went wrong loading a config, in one line, without ml_collections' dump."""
+    if isinstance(error, OSError):
+        return str(error)
+    # Raised while the config file's get_config() ran: a key that does not exist (the base
+    # config is locked), a bad :ARGS value. Say where.
+    inner = _from_get_config(error)
+    if inner is not None:
+        return f"bad config{_where(inner)}: {_short(inner)}"
+    # Otherwise a --config.x=y override that names no key, or a value of the wrong type.
+    if isinstance(error, absl_flags.Error):
+        return str(error)
+    return f"no such config key {_short(error)}"
+
+
+def _from_get_config(error: BaseException) -> BaseException | None:
+    """The first error in the chain (error, its causes) raised through a get_config()."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _where(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _where(error: BaseException) -> str:
+    """' (file:line)' in the config file's get_config(), if the error passed through it."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"]
+    return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+
+
+def _short(error: BaseException) -> str:
+    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    # ml_collections lists every field of the section; its "Did you mean" line is the news.
+    return re.sub(r' Other fields present: ".*?"(?=\nDid you mean|$)', "", text, flags=re.S)

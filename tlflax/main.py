@@ -8,6 +8,9 @@ tlflax models  [PATTERN]
 tlflax inspect MODEL [--weights SRC] [--config CONFIG] [--num_classes N]
 tlflax export  --workdir DIR [--format safetensors,jax] [--export_dir DIR] [--ema]
 tlflax config  [--config CONFIG[:ARGS]] [--config.key=value ...]
+tlflax sweep   --config CONFIG[:ARGS] --workdir ROOT [--set KEY=V1,V2 ...] [--zip KEY=V1,V2 ...]
+               [--seeds N] [--executor local|slurm|print]
+tlflax compare ROOT_OR_WORKDIR [...] [--by KEY ...] [--metric val/top1] [--out DIR]
 
 CONFIG is a file (configs/X.py) or a built-in config's name (folder, demo, ...).
 """
@@ -15,12 +18,12 @@ CONFIG is a file (configs/X.py) or a built-in config's name (folder, demo, ...).
 from __future__ import annotations
 
 import logging
-import re
 import sys
-import traceback
 
 from absl import flags
 from ml_collections import config_flags
+
+from tlflax import config_lib
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -47,7 +50,11 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("top_k", 5, "predict: classes shown per image", flag_values=FLAGS)
 flags.DEFINE_string(
-    "out", None, "predict: write the predictions to FILE (.csv or .json)", flag_values=FLAGS
+    "out",
+    None,
+    "predict: write the predictions to FILE (.csv or .json); compare: the folder of its table "
+    "and charts (default: ROOT/compare of the first argument)",
+    flag_values=FLAGS,
 )
 flags.DEFINE_string(
     "tta",
@@ -74,33 +81,92 @@ flags.DEFINE_bool(
     "ema", False, "eval, predict, export: the EMA weights (optim.ema_decay > 0)", flag_values=FLAGS
 )
 
-COMMANDS = ("train", "eval", "predict", "inspect", "export", "config", "models")
+# ----------------------------------------------------------------------------- sweep, compare
+flags.DEFINE_multi_string(
+    "set",
+    [],
+    "sweep: KEY=V1,V2,... a config key (or args.KEY, a key of the config file's :ARGS) and its "
+    "values; the grid is the product of every --set (one value: fixed for every point)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_multi_string(
+    "zip",
+    [],
+    "sweep: KEY=V1,V2,... lists of one length taken together (point i: every key's i-th "
+    "value), crossed with the --set product",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "seeds", None, "sweep: repeat each point over config.seed = 0 .. N-1", flag_values=FLAGS
+)
+flags.DEFINE_enum(
+    "executor",
+    "local",
+    ["local", "slurm", "print"],
+    "sweep: local (each point a `tlflax train` subprocess, in turn), slurm (a job per point "
+    "through submitit), print (the points' commands, nothing run)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "tpu",
+    None,
+    "sweep --executor print: a TPU VM's name; the commands become `launch/tpu_vm.sh run NAME ...`",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string("partition", None, "sweep --executor slurm: the partition", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "nodes", None, "sweep --executor slurm: nodes per point (default 1)", flag_values=FLAGS
+)
+flags.DEFINE_integer(
+    "gpus_per_node", None, "sweep --executor slurm: GPUs per node (default 0)", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "time", None, "sweep --executor slurm: time limit per point, H:MM:SS (default 60 min)",
+    flag_values=FLAGS,
+)  # fmt: skip
+flags.DEFINE_multi_string(
+    "slurm",
+    [],
+    "sweep --executor slurm: more settings, KEY=VALUE,...: account, qos, constraint, "
+    "cpus_per_task, mem_gb, per (gpu|node), tasks_per_node, port, array_parallelism, name; any "
+    "other key is passed to sbatch (e.g. exclusive=true, reservation=R)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "slurm_folder",
+    None,
+    "sweep --executor slurm: submitit's logs and pickles (default ROOT/slurm; a shared folder)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum(
+    "submitit",
+    "slurm",
+    ["slurm", "local"],
+    "sweep --executor slurm: submitit's cluster; local runs the jobs as processes here (tests)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_bool(
+    "wait",
+    False,
+    "sweep --executor slurm: wait for the jobs and record how each ended (submitit local: always)",
+    flag_values=FLAGS,
+)
+flags.DEFINE_multi_string(
+    "by",
+    [],
+    "compare: the keys whose values make a row (seeds pooled); default: every key that varies",
+    flag_values=FLAGS,
+)
+flags.DEFINE_string(
+    "metric",
+    "val/top1",
+    "compare: the metric of the table and bar chart: val/top1 val/top5 val/loss (at the end "
+    "of the run), best/val/top1 (the chosen checkpoint's), test/top1, wall_time_s",
+    flag_values=FLAGS,
+)
+
+COMMANDS = ("train", "eval", "predict", "inspect", "export", "config", "models", "sweep", "compare")
 HELP = ("--help", "-h", "-help", "help")
-
-
-def _from_get_config(error: BaseException) -> BaseException | None:
-    """The first error in the chain (error, its causes) raised through a get_config()."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if _where(error):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _where(error: BaseException) -> str:
-    """' (file:line)' in the config file's get_config(), if the error passed through it."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name == "get_config"]
-    return f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-
-
-def _short(error: BaseException) -> str:
-    while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError)
-        error = error.args[0]
-    text = str(error.args[0]) if error.args else str(error)
-    # ml_collections lists every field of the section; its "Did you mean" line is the news.
-    return re.sub(r' Other fields present: ".*?"(?=\nDid you mean|$)', "", text, flags=re.S)
 
 
 class _DropMessages(logging.Filter):
@@ -178,21 +244,8 @@ def _parse(command: str, argv: list[str]):
         config = _CONFIG.value
         if config is not None:
             config.get("seed")  # a config file that could not be loaded raises on first use
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        # Raised while the config file's get_config() ran (absl wraps its ValueError and
-        # TypeError in a flags.Error): a key that does not exist (the base config is
-        # locked), a bad :ARGS value. Say where, without ml_collections' dump.
-        # Otherwise a --config.x=y override that names no key, or a value of the wrong type.
-        inner = _from_get_config(e)
-        if inner is not None:
-            _say(command, f"bad config{_where(inner)}: {_short(inner)}")
-        elif isinstance(e, flags.Error):
-            _say(command, e)
-        else:
-            _say(command, f"no such config key {_short(e)}")
-        return None
-    except OSError as e:
-        _say(command, e)
+    except config_lib.LOAD_ERRORS as e:
+        _say(command, config_lib.load_error(e))
         return None
     finally:
         sys.argv = saved

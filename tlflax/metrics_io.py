@@ -129,14 +129,19 @@ class MetricWriter:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, int(step), walltime=record["time"])
 
-    def write_hparams(self, hparams: Mapping) -> None:
-        """Flattened ('/'-joined) to workdir/hparams.json and TensorBoard's hparams tab."""
+    def write_hparams(self, hparams: Mapping, *, metrics: Mapping | None = None) -> None:
+        """Flattened ('/'-joined) to workdir/hparams.json and TensorBoard's HParams tab
+        (tensorboard/hparams/), with the run's final metrics beside them (names unlike the
+        scalars' tags, e.g. 'hparams/val_top1'). Written once, at a run's end."""
         if self._file is None:
             return
         flat = _flatten(hparams)
-        (self.workdir / HPARAMS_FILE).write_text(json.dumps(flat, indent=1, sort_keys=True))
+        values = {k: _as_float(k, v) for k, v in (metrics or {}).items()}
+        record = {**flat, **({"metrics": values} if values else {})}
+        (self.workdir / HPARAMS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
         if self._tb is not None:
-            self._tb.add_hparams(flat, {}, name="hparams")
+            self._tb.add_hparams(flat, values, name="hparams")
+            self._tb.flush()
 
     def flush(self) -> None:
         if self._file is not None:

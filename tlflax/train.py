@@ -351,7 +351,7 @@ class ImageBatches:
             self._it = None
 
 
-def train_and_evaluate(config, workdir) -> dict:
+def train_and_evaluate(config, workdir, *, record: dict | None = None) -> dict:
     """Train per config, evaluating each epoch; returns the summary (also in summary.json)."""
     workdir = fs.check_writable(fs.path(workdir, what="workdir"), what="workdir")
     t_start = time.time()
@@ -366,7 +366,8 @@ def train_and_evaluate(config, workdir) -> dict:
     cache_dir = data.datasets.cache_dir_of(config.data, workdir)
     st, shardings = experiment.init_or_restore(config, run, ckpt, cache_dir=cache_dir)
     experiment.log_layout(run, st.params, shardings.params)
-    loop = _open_loop(config, run, ckpt, workdir, start_step=int(jax.device_get(st.step)))
+    record = {**(record or {}), "resumed_at_step": int(jax.device_get(st.step))}
+    loop = _open_loop(config, run, ckpt, workdir, start_step=record["resumed_at_step"])
     try:
         result = train_phases(loop, st, shardings)
     except BaseException:
@@ -383,7 +384,9 @@ def train_and_evaluate(config, workdir) -> dict:
     last = result.phases[-1].val if result.phases else None
     final = last or evaluate_state(config, loop.eval_fn, result.state, run)
     test = final_test(config, run, workdir, ckpt, loop.eval_fn)
-    summary = _finish(config, run, workdir, final, result, ckpt, time.time() - t_start, test)
+    wall = time.time() - t_start
+    summary = _finish(config, run, workdir, final, result, ckpt, wall, test, record=record)
+    _write_hparams(loop.writer, config, summary)
     loop.writer.close()
     ckpt.close()
     return summary
@@ -644,7 +647,7 @@ def split_dir_name(report: dict, default: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or default
 
 
-def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=None) -> dict:
+def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test, record) -> dict:
     vals = {p.name: p.val for p in result.phases}
     vals[run.phases[-1].name] = scores
     rows = _phase_rows(run, vals, {p.name: p.seconds for p in result.phases})
@@ -674,6 +677,7 @@ def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=
         "model": config.model.name,
         "weights": config.weights.source,
         "preprocessing": json.loads(run.prep.to_json()),
+        **_run_record(config, run, record),
     }
     if jax.process_index() == 0:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -682,6 +686,37 @@ def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test=
 
 
 TABLE_COLUMNS = ("strategy", "accuracy", "top-5", "errors")
+
+
+def _run_record(config, run: Run, record: dict) -> dict:
+    """What tells the run apart from others (a sweep's points, tlflax compare): its seed,
+    strategy and command line, and its data. wall_time_s and the phases' seconds are this
+    process's: a run resumed at step N > 0 (resumed_at_step) took longer in all."""
+    return {
+        "seed": config.seed,
+        "strategy": config.optim.strategy,
+        "config_file": record.get("config_file"),
+        "overrides": record.get("overrides", {}),
+        "resumed_at_step": record["resumed_at_step"],
+        "dataset": data.datasets.describe(run.datasets, config.data),
+    }
+
+
+def _write_hparams(writer, config, summary: dict) -> None:
+    """TensorBoard's HParams tab: every config key, and the run's final metrics."""
+    metrics = {
+        "hparams/val_top1": summary["final"]["val/top1"],
+        "hparams/val_loss": summary["final"]["val/loss"],
+        "hparams/best_val_top1": summary["best"].get("val/top1", float("nan")),
+        "hparams/wall_time_s": summary["wall_time_s"],
+    }
+    for row in summary["phases"]:
+        if not row.get("ema"):
+            metrics[f"hparams/{row['strategy']}/val_top1"] = row["val/top1"]
+    if summary["test"]:
+        metrics["hparams/test_top1"] = summary["test"]["top1"]
+    hparams = {**config.to_dict(), "config_file": summary["config_file"] or ""}
+    writer.write_hparams(hparams, metrics=metrics)
 
 
 def _phase_rows(run: Run, vals: dict, seconds: dict) -> list[dict]:

@@ -49,6 +49,9 @@ def build_datasets(
 ) -> Datasets:
     """Images stored at `resize` x `resize` (short side resized, centre-cropped), uint8.
 
+    seed: the epoch orders (config.seed); a carved validation split is drawn with
+    data_config.split_seed instead.
+
     The cache lives in data_config.cache_dir or workdir/cache; the report (MANIFEST) goes
     to manifest_dir, by default the workdir.
     """
@@ -67,7 +70,7 @@ def build_datasets(
         )
     elif source in ("folder", "digits"):
         parts = _folder_parts if source == "folder" else _digits_parts
-        *found, layout = parts(data_config, resize=resize, seed=seed, cache_dir=cache_dir)
+        *found, layout = parts(data_config, resize=resize, cache_dir=cache_dir)
         named = dict(zip(("train", "eval", "test"), found, strict=True))
         class_names = named["train"].class_names
         manifest = _manifest(data_config, named, layout)
@@ -94,6 +97,22 @@ def build_datasets(
     return Datasets(class_names, train, evals, manifest, test)
 
 
+def describe(datasets: Datasets, data_config) -> dict:
+    """What a run's summary says about its data: the source, the splits and their sizes."""
+    sizes = {role: report.get("n_images") for role, report in datasets.manifest["splits"].items()}
+    carved = datasets.manifest["splits"]["train"].get("carved")
+    return {
+        "source": data_config.source,
+        "name": data_config.name or data_config.path or data_config.source,
+        "num_classes": datasets.num_classes,
+        "n_train": sizes.get("train"),
+        "n_eval": sizes.get("eval"),
+        "n_test": sizes.get("test"),
+        "eval_split": "carved from train" if carved else _where(datasets.manifest, "eval"),
+        "split_seed": carved["split_seed"] if carved else None,
+    }
+
+
 def write_manifest(workdir, manifest: dict) -> epath.Path:
     path = fs.path(workdir, what="workdir") / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +129,7 @@ def cache_dir_of(data_config, workdir):
                    what="cache directory")  # fmt: skip
 
 
-def _folder_parts(config, *, resize: int, seed: int, cache_dir):
+def _folder_parts(config, *, resize: int, cache_dir):
     if not config.path:
         raise DataError("config.data.source='folder' needs config.data.path (the image root)")
     if fs.is_remote(config.path):
@@ -134,7 +153,7 @@ def _folder_parts(config, *, resize: int, seed: int, cache_dir):
     if layout.test is not None:
         test = folder.load_part(layout.test, class_names=train.class_names, split="test", **load)
     if layout.eval is None:
-        train, evals = _carve(train, fraction=_fraction(config), seed=seed)
+        train, evals = _carve(train, fraction=_fraction(config), seed=config.split_seed)
     else:
         evals = folder.load_part(layout.eval, class_names=train.class_names, split="eval", **load)
     return train, evals, test, layout
@@ -251,16 +270,20 @@ def _fraction(config) -> float:
 
 
 def _carve(part: folder.Part, *, fraction: float, seed: int):
+    """(train, validation) parts, stratified by class and drawn with config.data.split_seed
+    (not config.seed: repeats over the seed validate on one set). The manifest lists the
+    validation files, so that runs can be checked to share them."""
     train_idx, val_idx = splits.stratified_split(part.labels, fraction=fraction, seed=seed)
-    report = dict(part.report, carved={"val_fraction": fraction, "seed": seed})
+    report = dict(part.report, carved={"val_fraction": fraction, "split_seed": seed})
+    val_report = {"carved_from": "train", "files": [str(n) for n in part.names[val_idx]]}
     train, evals = (
         folder.Part(part.images[idx], part.labels[idx], part.class_names, rep, part.names[idx])
-        for idx, rep in ((train_idx, report), (val_idx, {"carved_from": "train"}))
+        for idx, rep in ((train_idx, report), (val_idx, val_report))
     )
     return train, evals
 
 
-def _digits_parts(config, *, resize: int, seed: int, cache_dir):
+def _digits_parts(config, *, resize: int, cache_dir):
     if config.val_fraction == 0:
         raise DataError(
             "config.data.source='digits' has one split; set config.data.val_fraction (e.g. 0.2)"
@@ -276,7 +299,7 @@ def _digits_parts(config, *, resize: int, seed: int, cache_dir):
     }
     ids = np.asarray([f"sklearn_digits[{i}]" for i in range(len(arrays.labels))], dtype=str)
     whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report, ids)
-    return (*_carve(whole, fraction=_fraction(config), seed=seed), None, None)
+    return (*_carve(whole, fraction=_fraction(config), seed=config.split_seed), None, None)
 
 
 def _manifest(config, parts: dict, layout: Layout | None) -> dict:
