@@ -22,10 +22,13 @@ from tlflax.weights import (
     convert_mobilenet_v2,
     load_pretrained,
     merge_variables,
+    sources,
 )
 from tlflax.weights.readers import CorruptCheckpointError
 
 TOL = 1e-4  # fp32, max |logits diff|
+# Keras' own: numpy 2 asks its variables for __array__(copy=...).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 TINY = mobilenet_v2.ARCHS["mobilenet_v2_tiny"]  # width 0.25, ten blocks
 
 
@@ -372,3 +375,264 @@ def test_a_torchvision_pth_trains_last_k(tmp_path):
     head_conv = ref.features[-1][0].weight.detach().numpy().transpose(2, 3, 1, 0)
     assert _max_diff(params["head_conv"]["kernel"], head_conv) > 0  # trained
     assert restored["params"]["head"]["out"]["kernel"].shape == (1280, 10)
+
+
+# --- keras.applications.MobileNetV2 (Keras on JAX: tests/conftest.py) ---
+
+KERAS_ALPHA, KERAS_SIZE = 0.35, 96  # the narrowest Keras weights, at their smallest size
+KERAS_NUMERICS = {"padding": "same", "bn_eps": 1e-3}  # what Keras computes with
+KERAS_SOURCE = "keras:mobilenet_v2_0.35_96"
+
+
+def _keras():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"keras runs on {keras.backend.backend()}; these tests call it under jax.jit")
+    return keras
+
+
+def _keras_randomised(model, *, seed: int):
+    """Every variable drawn: kernels at O(1) activations, BatchNorm statistics away from 1/0."""
+    rng = np.random.default_rng(seed)
+    draws = {"gamma": lambda s: rng.normal(1.0, 0.3, s), "beta": lambda s: rng.normal(0, 0.3, s),
+             "moving_mean": lambda s: rng.normal(0, 0.5, s),
+             "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
+             "bias": lambda s: rng.normal(0, 0.1, s)}  # fmt: skip
+    for var in model.weights:
+        shape = tuple(var.shape)
+        draw = draws.get(var.path.rsplit("/", 1)[1])
+        fan_in = 9 if "depthwise" in var.path else np.prod(shape[:-1])
+        value = draw(shape) if draw else rng.normal(0, fan_in**-0.5, shape)
+        var.assign(value.astype(np.float32))
+    return model
+
+
+def _keras_mobilenet_v2(*, size: int, alpha: float = KERAS_ALPHA, classes: int = 5):
+    """keras.applications.MobileNetV2 itself, logits out; Glorot's init is zeros meanwhile
+    (one XLA program per shape otherwise: seconds of CPU), the values being drawn after."""
+    keras = _keras()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(keras.initializers.GlorotUniform, "__call__",
+                   lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
+        return keras.applications.MobileNetV2(
+            alpha=alpha, weights=None, input_shape=(size, size, 3), classes=classes,
+            classifier_activation=None,
+        )  # fmt: skip
+
+
+def _keras_logits_fn(model):
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    return jax.jit(lambda x: model.stateless_call(trainable, frozen, x, training=False)[0])
+
+
+def _strip_layer_names(src, dst):
+    """A Keras 3 .weights.h5 as Keras wrote it before layer names were stored."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
+                     else None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def keras_mnv2(tmp_path_factory):
+    """keras.applications.MobileNetV2(alpha=0.35) at 96 px with random weights, its logits,
+    its files (.weights.h5, .keras, Keras 2 .h5, a .weights.h5 naming no layer, and the
+    no-top .h5 of its backbone), and tlflax's model with Keras numerics, compiled once."""
+    keras = _keras()
+    model = _keras_randomised(_keras_mobilenet_v2(size=KERAS_SIZE), seed=3)
+    folder = tmp_path_factory.mktemp("keras_mobilenet_v2")
+    files = {fmt: folder / f"mnv2{fmt}" for fmt in (".weights.h5", ".keras", ".h5")}
+    model.save_weights(files[".weights.h5"])
+    model.save(files[".keras"])
+    model.save(files[".h5"])  # Keras 3 still writes Keras 2's layout
+    files["unnamed"] = folder / "unnamed.weights.h5"
+    _strip_layer_names(files[".weights.h5"], files["unnamed"])
+    backbone = keras.Model(model.input, model.get_layer("out_relu").output)
+    files["notop"] = folder / "mnv2_notop.h5"
+    backbone.save_weights(folder / "notop.weights.h5")
+    backbone.save(files["notop"])
+    x = _images(KERAS_SIZE, seed=4)
+    keras_fn = _keras_logits_fn(model)
+    spec = create_model("mobilenet_v2", num_classes=5, width=KERAS_ALPHA, **KERAS_NUMERICS)
+    return {"model": model, "keras_fn": keras_fn, "files": files, "x": x,
+            "want": np.asarray(keras_fn(x)), "spec": spec, "shapes": _shapes(spec),
+            "apply": jax.jit(spec.module.apply)}  # fmt: skip
+
+
+def _in_keras_cache(monkeypatch, tmp_path, file, name: str):
+    """`file` where keras.applications keeps KERAS_FILES[name] ($KERAS_HOME/models)."""
+    import shutil
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cached = tmp_path / "models" / sources.KERAS_FILES[name].filename
+    cached.parent.mkdir(exist_ok=True)
+    shutil.copy(file, cached)
+    return cached
+
+
+# ~15 s on 2 cores with the fixture: Keras builds, saves four ways and runs the full-depth
+# model; tlflax compiles it once.
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [".weights.h5", ".keras", ".h5", "unnamed"])
+def test_logits_match_keras_mobilenet_v2_in_every_file_format(keras_mnv2, fmt):
+    """Keras' own MobileNetV2 (17 blocks, alpha 0.35) at 96 px: every array lands (the
+    unnamed file by Keras' numbering of each class), logits within 1e-4 of Keras'."""
+    k = keras_mnv2
+    loaded = load_pretrained(k["spec"], str(k["files"][fmt]), variables=k["shapes"], reinit=())
+    assert loaded.report.scheme == "keras" and not loaded.report.ignored
+    assert len(loaded.report.loaded) == len(k["model"].weights) == 262
+    ours = np.asarray(k["apply"](loaded.variables, k["x"]))
+    assert np.std(k["want"]) > 0.1
+    assert _max_diff(ours, k["want"]) <= TOL
+
+
+@pytest.mark.slow  # the Keras model of the fixture
+def test_keras_source_and_preprocess_input_end_to_end(keras_mnv2, tmp_path, monkeypatch):
+    """keras:mobilenet_v2_0.35_96 from a temporary Keras cache, as config.weights.source:
+    Keras' preprocess_input of uint8 images then its model, against tlflax's normalisation
+    ([-1, 1], at the file's 96 px) on the device then the converted model."""
+    from tlflax import config_lib, experiment
+    from tlflax.data import augment
+
+    keras = _keras()
+    _in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"][".h5"], "mobilenet_v2_0.35_96")
+    config = config_lib.get_base_config()
+    config.model.name, config.weights.source = "mobilenet_v2", KERAS_SOURCE
+    config.model.overrides = {"width": KERAS_ALPHA, **KERAS_NUMERICS}
+    spec = experiment.build_model(config, num_classes=5)
+    prep = experiment.resolve_preprocessing(config, spec)
+    assert (prep.mean, prep.std) == ((127.5,) * 3, (127.5,) * 3)
+    assert (prep.resolution, prep.resize) == (96, 110) and "Keras mobilenet_v2" in prep.source
+    loaded = load_pretrained(spec, KERAS_SOURCE, variables=keras_mnv2["shapes"], reinit=())
+    assert loaded.preprocessing == prep
+    images = _pictures(2, KERAS_SIZE)
+    pixels = keras.applications.mobilenet_v2.preprocess_input(images.astype("float32"))
+    want = np.asarray(keras_mnv2["keras_fn"](pixels))
+    normalise = augment.make_eval_transform(image_size=KERAS_SIZE, preprocessing=prep)
+    ours = np.asarray(keras_mnv2["apply"](loaded.variables, normalise(images)))
+    assert np.std(want) > 0.1
+    assert _max_diff(ours, want) <= TOL
+    # The model as PyTorch's weights want it: refused in one line that says what to set.
+    default = create_model("mobilenet_v2", num_classes=5, depthwise="conv")
+    with pytest.raises(ConfigError) as e:
+        load_pretrained(default, KERAS_SOURCE, variables={})
+    message = str(e.value)
+    assert "\n" not in message and "alpha 0.35" in message
+    want_overrides = {"depthwise": "conv", "width": 0.35, "padding": "same", "bn_eps": 0.001}
+    assert f'--config.model.overrides="{want_overrides!r}"' in message
+
+
+def _pictures(n: int, size: int) -> np.ndarray:
+    """uint8 images: smooth gradients and noise, each channel unlike the others."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(0)
+    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
+    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.slow  # the Keras model of the fixture
+def test_a_keras_notop_file_loads_with_the_head_new(keras_mnv2, tmp_path, monkeypatch):
+    """keras:mobilenet_v2_0.35_96_notop (Keras' backbone, no predictions layer): the backbone
+    loads, the head is the run's own; where every variable must come from the file (predict
+    --model) the head is missing, by name."""
+    _in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"]["notop"],
+                    "mobilenet_v2_0.35_96_notop")  # fmt: skip
+    spec, shapes = keras_mnv2["spec"], keras_mnv2["shapes"]
+    loaded = load_pretrained(spec, KERAS_SOURCE + "_notop", variables=shapes)
+    assert len(loaded.report.loaded) == 262 - 2
+    assert loaded.report.reinitialised == ["params/head/out/bias", "params/head/out/kernel"]
+    assert loaded.preprocessing.resolution == 96
+    want = keras_mnv2["model"].get_layer("block_16_depthwise").get_weights()[0]
+    got = loaded.variables["params"]["backbone"]["stage7"]["block1"]["dw_conv"]["kernel"]
+    np.testing.assert_array_equal(got, want.transpose(0, 1, 3, 2))
+    with pytest.raises(CheckpointMismatchError, match="(?s)missing.*head/out/kernel"):
+        load_pretrained(spec, KERAS_SOURCE + "_notop", variables=shapes, reinit=())
+    # Saved with no layer names: the order still places every layer (dense: none).
+    unnamed = tmp_path / "unnamed_notop.weights.h5"
+    _strip_layer_names(keras_mnv2["files"]["notop"].parent / "notop.weights.h5", unnamed)
+    loaded = load_pretrained(spec, str(unnamed), variables=shapes)
+    assert len(loaded.report.loaded) == 262 - 2
+
+
+# ~6 s: keras.applications.MobileNetV2(alpha=1.3) (zeros; shapes only, no forward pass).
+@pytest.mark.slow
+def test_names_and_shapes_are_keras_applications_mobilenet_v2s():
+    """Every array of Keras' full-size MobileNetV2 at alpha 1.3 (its widths round as
+    int(c * alpha) then to 8: tlflax's agree) lands on a parameter of the same shape, and its
+    1000-class layer on the head."""
+    model = _keras_mobilenet_v2(size=224, alpha=1.3, classes=1000)
+    state = {w.path: np.broadcast_to(np.float32(0), tuple(w.shape)) for w in model.weights}
+    assert "block_5_depthwise/kernel" in state  # Keras 3's name for a depthwise kernel
+    spec = create_model("mobilenet_v2", num_classes=1000, width=1.3, depthwise="conv",
+                        **KERAS_NUMERICS)  # fmt: skip
+    converted = convert_mobilenet_v2.convert(state, spec=spec, shapes=None)
+    assert converted.scheme == "keras"
+    got = {name: np.shape(v) for name, v in converted.variables.items()}
+    assert got == {name: v.shape for name, v in tree.flatten(_shapes(spec)).items()}
+    assert got["params/backbone/head_conv/kernel"] == (1, 1, 416, 1664)
+
+
+def test_keras_names_place_each_layer_and_the_wrong_numerics_are_refused():
+    spec = create_model("mobilenet_v2", num_classes=5, **KERAS_NUMERICS)
+    blocks = convert_mobilenet_v2.torchvision_block_names(spec.arch["repeats"])
+    module = functools.partial(convert_mobilenet_v2.keras_module, blocks=blocks)
+    assert module("expanded_conv_project_BN") == "backbone/stage1/block1/project_bn"
+    assert module("block_3_depthwise") == "backbone/stage3/block1/dw_conv"
+    assert module("block_16_expand_BN") == "backbone/stage7/block1/expand_bn"
+    assert module("block_17_expand") is None and module("Conv_1_bn") == "backbone/head_bn"
+    order = convert_mobilenet_v2.keras_layer_order(spec.arch)
+    assert order["conv2d"][:4] == ["Conv1", "expanded_conv_project", "block_1_expand",
+                                   "block_1_project"]  # fmt: skip
+    assert len(order["conv2d"]) == 35 and len(order["batch_normalization"]) == 52
+    assert order["depthwise_conv2d"][-1] == "block_16_depthwise"
+    # Keras' widths say the alpha; PyTorch's numerics (the default) are refused.
+    state = {"Conv1/kernel": np.zeros((3, 3, 3, 48), np.float32),
+             "Conv_1/kernel": np.zeros((1, 1, 448, 1792), np.float32)}  # fmt: skip
+    for name, overrides, want in [
+        ("mobilenet_v2", {}, "{'width': 1.4, 'padding': 'same', 'bn_eps': 0.001}"),
+        ("mobilenet_v2_140", {"bn_eps": 1e-3}, "{'bn_eps': 0.001, 'padding': 'same'}"),
+    ]:
+        other = create_model(name, num_classes=5, **overrides)
+        with pytest.raises(ConfigError, match="alpha 1.4") as e:
+            convert_mobilenet_v2.convert(state, spec=other, shapes=None)
+        assert f'overrides="{want}"' in str(e.value), str(e.value)
+    # A Keras 3 file that names no layer, of another layout: refused, not misplaced.
+    unnamed = {"layers/conv2d/vars/0": np.zeros((3, 3, 3, 32), np.float32)}
+    with pytest.raises(CheckpointMismatchError, match="names no layers"):
+        convert_mobilenet_v2.convert(unnamed, spec=spec, shapes=None)
+
+
+def test_keras_mobilenet_v2_files_download_without_a_hash_but_must_read(tmp_path, monkeypatch):
+    """keras.applications pins no hash for MobileNetV2's files: tlflax keeps a download that
+    reads as a Keras file and removes one that does not, saying so."""
+    import h5py
+
+    entry = sources.KERAS_FILES["mobilenet_v2_1.00_224"]
+    assert entry.file_hash is None and entry.models == ("mobilenet_v2",)
+    assert entry.filename == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
+    assert entry.url.endswith("/keras-applications/mobilenet_v2/" + entry.filename)
+    notop = sources.KERAS_FILES["mobilenet_v2_0.50_128_notop"]
+    assert notop.filename == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_128_no_top.h5"
+    assert "mobilenet_v2_140" in sources.KERAS_FILES["mobilenet_v2_1.40_224"].models
+
+    def keras_file(target):
+        with h5py.File(target, "w") as f:
+            f.attrs["layer_names"] = np.array([b"Conv1"])
+            f.create_group("Conv1").attrs["weight_names"] = np.array([b"Conv1/kernel:0"])
+            f["Conv1"]["Conv1/kernel:0"] = np.zeros((3, 3, 3, 32), np.float32)
+
+    writers = [lambda target: target.write_bytes(b"<html>quota exceeded</html>"), keras_file]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(sources, "_download", lambda url, target: writers.pop(0)(target))
+    with pytest.raises(CorruptCheckpointError, match="pins no hash") as e:
+        sources.resolve("keras:mobilenet_v2_1.00_224")
+    assert entry.url in str(e.value) and list((tmp_path / "models").iterdir()) == []
+    checkpoint = sources.resolve("keras:mobilenet_v2_1.00_224")
+    assert checkpoint.files == [tmp_path / "models" / entry.filename]
+    assert sources.available_offline("keras:mobilenet_v2_1.00_224")

@@ -20,9 +20,12 @@ from tlflax.weights import (
     convert_xception,
     load_pretrained,
     merge_variables,
+    sources,
 )
 
 TOL = 1e-4  # fp32, max |logits diff|
+# Keras' own: numpy 2 asks its variables for __array__(copy=...).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 # The module (timm.models.xception is also the name of a deprecated model function).
 timm_xception = importlib.import_module("timm.models.xception")
 WIDTHS = xception.ARCHS["xception_tiny"]["widths"]
@@ -115,14 +118,19 @@ def test_logits_match_timms_legacy_xception_and_its_pooling_differs_on_even_side
     assert (diff <= TOL) == (size == 71), diff  # 'same' is timm's rule on odd sides only
 
 
-def _keras_narrow(monkeypatch, *, divisor: int):
+def _keras():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"keras runs on {keras.backend.backend()}; this test calls it under jax.jit")
+    return keras
+
+
+def _keras_narrow(*, divisor: int):
     """keras.applications.Xception's own graph, every conv's filters divided by `divisor`
     (its `layers` module seen through a proxy), at 8 middle blocks, on the JAX backend
     (tests/conftest.py); random kernels and BatchNorm statistics. Glorot's init is zeros
     meanwhile (one XLA program per shape: 13 s of CPU), since every value is replaced."""
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on {keras.backend.backend()}; this test calls it under jax.jit")
+    keras = _keras()
     from keras.src.applications import xception as keras_xception
 
     class Narrow:
@@ -135,12 +143,13 @@ def _keras_narrow(monkeypatch, *, divisor: int):
         def SeparableConv2D(self, filters, *args, **kwargs):  # noqa: N802
             return keras.layers.SeparableConv2D(filters // divisor, *args, **kwargs)
 
-    monkeypatch.setattr(keras_xception, "layers", Narrow())
-    monkeypatch.setattr(keras.initializers.GlorotUniform, "__call__",
-                        lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
-    keras.utils.clear_session()  # the shortcuts' names restart at conv2d, batch_normalization
-    model = keras_xception.Xception(weights=None, input_shape=(101, 101, 3), classes=5,
-                                    classifier_activation=None)  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(keras_xception, "layers", Narrow())
+        mp.setattr(keras.initializers.GlorotUniform, "__call__",
+                   lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
+        keras.utils.clear_session()  # the shortcuts' names restart at conv2d, batch_normalization
+        model = keras_xception.Xception(weights=None, input_shape=(101, 101, 3), classes=5,
+                                        classifier_activation=None)  # fmt: skip
     rng = np.random.default_rng(0)
     draws = {"gamma": lambda s: rng.normal(1.0, 0.3, s), "beta": lambda s: rng.normal(0, 0.3, s),
              "moving_mean": lambda s: rng.normal(0, 0.5, s),
@@ -155,26 +164,135 @@ def _keras_narrow(monkeypatch, *, divisor: int):
     return model
 
 
-# Slow: importing Keras, building its graph, and compiling two 14-block nets: ~9 s of CPU.
-@pytest.mark.slow
-def test_logits_match_keras_xception_by_its_layer_names(monkeypatch):
-    """The 'keras' scheme on {'<layer>/<weight>': array} (what a Keras .h5 reader gives):
-    Keras's own graph (8 middle blocks, narrowed 1/16) at 101 px, where every pool's side is
-    even (its 'same' padding matters); the unnamed shortcuts conv2d, conv2d_1, ... in order."""
-    ref = _keras_narrow(monkeypatch, divisor=16)
-    state = {v.path: np.asarray(v.value) for v in ref.weights}
-    assert {"conv2d/kernel", "batch_normalization_3/moving_variance"} <= set(state)
-    widths = tuple(w // 16 for w in xception.DEFAULTS["widths"])
-    spec = create_model("xception_tiny", num_classes=5, widths=widths, middle_blocks=8)
-    variables, report = _load(spec, state)
-    assert report.scheme == "keras" and len(report.loaded) == len(state)
-    x = _images(101)
-    ours = np.asarray(jax.jit(spec.module.apply)(variables, x))
+def _strip_layer_names(src, dst):
+    """A Keras 3 .weights.h5 as Keras wrote it before layer names were stored."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
+                     else None)  # fmt: skip
+
+
+KERAS_WIDTHS = tuple(w // 16 for w in xception.DEFAULTS["widths"])
+
+
+@pytest.fixture(scope="module")
+def keras_ref(tmp_path_factory):
+    """Keras's Xception narrowed 1/16 at 101 px (every pool's side even: its 'same' padding
+    matters), its logits, its files (.weights.h5, .keras, Keras 2 .h5, a .weights.h5 naming
+    no layer, the no-top .h5 of its backbone), and tlflax's 'xception' at those widths (the
+    name keras:xception fits), compiled once."""
+    keras = _keras()
+    ref = _keras_narrow(divisor=16)
+    folder = tmp_path_factory.mktemp("keras_xception")
+    files = {fmt: folder / f"xception{fmt}" for fmt in (".weights.h5", ".keras", ".h5")}
+    ref.save_weights(files[".weights.h5"])
+    ref.save(files[".keras"])
+    ref.save(files[".h5"])  # Keras 3 still writes Keras 2's layout
+    files["unnamed"] = folder / "unnamed.weights.h5"
+    _strip_layer_names(files[".weights.h5"], files["unnamed"])
+    files["notop"] = folder / "xception_notop.h5"
+    keras.Model(ref.input, ref.get_layer("block14_sepconv2_act").output).save(files["notop"])
     trainable = [v.value for v in ref.trainable_variables]
     frozen = [v.value for v in ref.non_trainable_variables]
     keras_fn = jax.jit(lambda x: ref.stateless_call(trainable, frozen, x, training=False)[0])
-    want = np.asarray(keras_fn(x))
+    x = _images(101)
+    spec = create_model("xception", num_classes=5, widths=KERAS_WIDTHS)
+    return {"model": ref, "keras_fn": keras_fn, "files": files, "x": x,
+            "want": np.asarray(keras_fn(x)), "spec": spec,
+            "shapes": jax.eval_shape(lambda: spec.init(jax.random.key(0), 101)),
+            "apply": jax.jit(spec.module.apply)}  # fmt: skip
+
+
+# Slow: importing Keras, building its graph, saving it, and compiling two 14-block nets:
+# ~15 s of CPU with the fixture (shared by the Keras tests below).
+@pytest.mark.slow
+def test_logits_match_keras_xception_by_its_layer_names(keras_ref):
+    """The 'keras' scheme on {'<layer>/<weight>': array} (what a Keras .h5 reader gives):
+    Keras's own graph (8 middle blocks, narrowed 1/16) at 101 px, where every pool's side is
+    even (its 'same' padding matters); the unnamed shortcuts conv2d, conv2d_1, ... in order."""
+    state = {v.path: np.asarray(v.value) for v in keras_ref["model"].weights}
+    assert {"conv2d/kernel", "batch_normalization_3/moving_variance"} <= set(state)
+    variables, report = _load(keras_ref["spec"], state)
+    assert report.scheme == "keras" and len(report.loaded) == len(state)
+    ours = np.asarray(keras_ref["apply"](variables, keras_ref["x"]))
+    assert np.std(keras_ref["want"]) > 0.1
+    np.testing.assert_allclose(ours, keras_ref["want"], atol=TOL, rtol=0)
+
+
+@pytest.mark.slow  # the Keras model of the fixture
+@pytest.mark.parametrize("fmt", [".weights.h5", ".keras", ".h5", "unnamed"])
+def test_logits_match_keras_xception_in_every_file_format(keras_ref, fmt):
+    """Keras's files through load_pretrained; the one that names no layer by Keras'
+    numbering of each class (the shortcut BatchNorms after their block's separable convs')."""
+    k = keras_ref
+    loaded = load_pretrained(k["spec"], str(k["files"][fmt]), variables=k["shapes"], reinit=())
+    assert loaded.report.scheme == "keras" and not loaded.report.ignored
+    assert len(loaded.report.loaded) == len(k["model"].weights)
+    ours = np.asarray(k["apply"](loaded.variables, k["x"]))
+    np.testing.assert_allclose(ours, k["want"], atol=TOL, rtol=0)
+
+
+def _in_keras_cache(monkeypatch, tmp_path, file, name: str):
+    """`file` where keras.applications keeps KERAS_FILES[name] ($KERAS_HOME/models)."""
+    import shutil
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    cached = tmp_path / "models" / sources.KERAS_FILES[name].filename
+    cached.parent.mkdir(exist_ok=True)
+    shutil.copy(file, cached)
+
+
+def _pictures(n: int, size: int) -> np.ndarray:
+    """uint8 images: smooth gradients and noise, each channel unlike the others."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(0)
+    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
+    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.slow  # the Keras model of the fixture
+def test_keras_source_and_preprocess_input_end_to_end(keras_ref, tmp_path, monkeypatch):
+    """keras:xception from a temporary Keras cache: Keras's xception.preprocess_input of
+    uint8 images then its model, against tlflax's normalisation ([-1, 1]) on the device
+    then the converted model."""
+    from tlflax.data import augment
+
+    keras = _keras()
+    _in_keras_cache(monkeypatch, tmp_path, keras_ref["files"][".h5"], "xception")
+    spec = keras_ref["spec"]
+    loaded = load_pretrained(spec, "keras:xception", variables=keras_ref["shapes"], reinit=())
+    prep = loaded.preprocessing
+    assert (prep.mean, prep.std, prep.resolution) == ((127.5,) * 3, (127.5,) * 3, 299)
+    assert "Keras xception" in prep.source
+    images = _pictures(2, 101)
+    pixels = keras.applications.xception.preprocess_input(images.astype("float32"))
+    want = np.asarray(keras_ref["keras_fn"](pixels))
+    normalise = augment.make_eval_transform(image_size=101, preprocessing=prep)
+    ours = np.asarray(keras_ref["apply"](loaded.variables, normalise(images)))
+    assert np.std(want) > 0.1
     np.testing.assert_allclose(ours, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow  # the Keras model of the fixture
+def test_a_keras_notop_file_loads_with_the_head_new(keras_ref, tmp_path, monkeypatch):
+    """keras:xception_notop: the backbone loads, the head is the run's own; where every
+    variable must come from the file (predict --model) the head is missing, by name. A file
+    naming no layer, of another depth: refused, not misplaced."""
+    _in_keras_cache(monkeypatch, tmp_path, keras_ref["files"]["notop"], "xception_notop")
+    spec, shapes = keras_ref["spec"], keras_ref["shapes"]
+    loaded = load_pretrained(spec, "keras:xception_notop", variables=shapes)
+    n_arrays = len(keras_ref["model"].weights)
+    assert len(loaded.report.loaded) == n_arrays - 2
+    assert loaded.report.reinitialised == ["params/head/out/bias", "params/head/out/kernel"]
+    with pytest.raises(CheckpointMismatchError, match="(?s)missing.*head/out/kernel"):
+        load_pretrained(spec, "keras:xception_notop", variables=shapes, reinit=())
+    shallow = create_model("xception", num_classes=5, widths=KERAS_WIDTHS, middle_blocks=1)
+    with pytest.raises(CheckpointMismatchError, match="names no layers.*middle_blocks=1"):
+        load_pretrained(shallow, str(keras_ref["files"]["unnamed"]), variables={})
 
 
 def test_keras_shortcuts_follow_their_layer_numbers():

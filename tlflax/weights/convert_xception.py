@@ -15,6 +15,10 @@ Two naming schemes, recognised from the keys:
            the unnamed conv2d[_n] / batch_normalization[_n] layers, in the order of their
            number (no number first): blocks 2, 3, 4 and the exit block; predictions, the
            1000-class layer. Keras's Xception has 8 middle blocks: block numbers are tlflax's.
+           A Keras 3 file that names no layer ('layers/separable_conv2d_5/vars/0') is read
+           by Keras' numbering of each class in model order (keras_layer_order: the
+           shortcut BatchNorm after its block's separable convs'), refused where the file's
+           counts are not the model's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import re
 import numpy as np
 
 from tlflax.errors import ConfigError
+from tlflax.weights import keras
 from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.merge import CheckpointMismatchError
 
 SCHEMES = ("timm", "keras")
 _IGNORED_BN = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
@@ -42,8 +48,15 @@ _KERAS_LEAVES = {
 }
 
 
+# keras.applications' layer names, or a Keras 3 file's paths where it names no layer.
+_KERAS_ANY = re.compile(
+    r"(block\d+_(conv|sepconv)\d+(_bn)?|layers/(separable_conv2d|conv2d|batch_normalization)"
+    r"(_\d+)?)/"
+)
+
+
 def detect_scheme(state) -> str:
-    if any(re.match(r"block\d+_(conv|sepconv)\d+(_bn)?/", k) for k in state):
+    if any(_KERAS_ANY.match(k) for k in state):
         return "keras"
     if "conv1.weight" in state or any(k.startswith("block1.rep.") for k in state):
         return "timm"
@@ -129,7 +142,67 @@ def keras_shortcuts(state, *, middle_blocks: int) -> dict[str, str]:
     return out
 
 
+def keras_layer_order(*, middle_blocks: int) -> dict[str, list[str]]:
+    """Keras' layer names per class in model order (how a Keras 3 file that names no layer
+    numbers them): the shortcuts get Keras 3's own names (conv2d, conv2d_1, ...)."""
+    last = 6 + middle_blocks
+    n_seps = {**dict.fromkeys((2, 3, 4, last - 1, last), 2),
+              **dict.fromkeys(range(5, last - 1), 3)}  # fmt: skip
+    shortcut_after = (2, 3, 4, last - 1)
+    seps, norms = [], ["block1_conv1_bn", "block1_conv2_bn"]
+    for b in range(2, last + 1):
+        names = [f"block{b}_sepconv{k}" for k in range(1, n_seps[b] + 1)]
+        seps += names
+        norms += [f"{n}_bn" for n in names]
+        if b in shortcut_after:
+            k = shortcut_after.index(b)
+            norms.append(f"batch_normalization_{k}" if k else "batch_normalization")
+    shortcuts = ["conv2d", *(f"conv2d_{k}" for k in range(1, 4))]
+    return {
+        "conv2d": ["block1_conv1", "block1_conv2", *shortcuts],
+        "separable_conv2d": seps,
+        "batch_normalization": norms,
+        "dense": ["predictions"],
+    }
+
+
+def _keras_kind(layer: str) -> str | None:
+    if layer == "predictions":
+        return "Dense"
+    if layer.endswith("_bn") or re.fullmatch(r"batch_normalization(_\d+)?", layer):
+        return "BatchNormalization"
+    if "_sepconv" in layer:
+        return "SeparableConv2D"
+    return "Conv2D" if re.fullmatch(r"block1_conv\d|conv2d(_\d+)?", layer) else None
+
+
+def _keras_state(state, *, middle_blocks: int) -> dict[str, np.ndarray]:
+    """Keras' layer and weight names for every array, by Keras' numbering where the file
+    names no layer (refused where the counts show another layout: the order would lie)."""
+    order = keras_layer_order(middle_blocks=middle_blocks)
+    found: dict[str, set[str]] = {c: set() for c in order}
+    for key in state:
+        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
+        if m and m[1] in found:
+            found[m[1]].add(m[0])
+    counts = {c: len(v) for c, v in found.items()}
+    if any(counts.values()):
+        want = {c: len(order[c]) for c in order}
+        if not counts["dense"]:
+            want["dense"] = 0  # a file without the top
+        if counts != want:
+            raise CheckpointMismatchError(
+                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
+                f"names them by their order in the model, which needs the file's layout: it "
+                f"holds {counts} layers, this model (middle_blocks={middle_blocks}) {want}; "
+                "build the model the file was saved from, or save the file again with a "
+                "recent Keras"
+            )
+    return keras.name_vars(keras.by_order(state, order), _keras_kind)
+
+
 def _convert_keras(state, *, middle_blocks: int) -> Converted:
+    state = _keras_state(state, middle_blocks=middle_blocks)
     shortcuts = keras_shortcuts(state, middle_blocks=middle_blocks)
     variables: dict[str, np.ndarray] = {}
     for key, value in state.items():
