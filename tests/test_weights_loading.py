@@ -403,3 +403,43 @@ def test_head_alone_is_initialised_as_the_whole_model_would_be(name):
     filled = spec.fill_init(key, loaded)
     jax.tree_util.tree_map(np.testing.assert_array_equal, filled["params"]["backbone"][some],
                            whole["params"]["backbone"][some])  # fmt: skip
+
+
+def test_efficientnet_processor_normalisation_is_transformers_own():
+    """google/efficientnet-b*'s preprocessor_config.json stores the square root of ImageNet's
+    std and EfficientNetImageProcessor divides by it twice (include_top): tlflax's mean / std
+    give the processor's pixel values."""
+    from transformers import EfficientNetImageProcessor
+
+    config = {
+        "image_processor_type": "EfficientNetImageProcessor",
+        "do_resize": True,
+        "size": {"height": 32, "width": 32},
+        "do_center_crop": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "rescale_offset": False,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.47853944, 0.4732864, 0.47434163],
+        "include_top": True,
+        "resample": 0,
+    }
+    prep = pp.from_hf(config, source="google/efficientnet-b0")
+    np.testing.assert_allclose(prep.std, pp.IMAGENET_STD, rtol=1e-6)
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    processor = EfficientNetImageProcessor(
+        **{k: v for k, v in config.items() if k != "image_processor_type"}
+    )
+    want = processor(image, return_tensors="np", do_resize=False)["pixel_values"][0]
+    ours = (image.astype(np.float32) - np.array(prep.mean)) / np.array(prep.std)
+    np.testing.assert_allclose(ours.transpose(2, 0, 1), want, atol=1e-5)
+    # With rescale_offset the pixels go to [-1, 1] before the mean and std.
+    offset = {**config, "rescale_factor": 1 / 127.5, "rescale_offset": True, "include_top": False}
+    processor = EfficientNetImageProcessor(
+        **{k: v for k, v in offset.items() if k != "image_processor_type"}
+    )
+    want = processor(image, return_tensors="np", do_resize=False)["pixel_values"][0]
+    prep = pp.from_hf(offset, source="offset")
+    ours = (image.astype(np.float32) - np.array(prep.mean)) / np.array(prep.std)
+    np.testing.assert_allclose(ours.transpose(2, 0, 1), want, atol=1e-5)

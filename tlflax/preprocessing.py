@@ -130,14 +130,30 @@ def from_hf(processor: dict, *, source: str) -> Preprocessing:
     crop_pct = processor.get("crop_pct") or 1.0
     if processor.get("do_center_crop") and processor.get("size", {}).get("shortest_edge"):
         crop_pct = resolution / processor["size"]["shortest_edge"]
+    mean, std = _hf_mean_std(processor)
     return Preprocessing(
-        tuple(255 * m for m in processor["image_mean"]),
-        tuple(255 * s for s in processor["image_std"]),
+        mean,
+        std,
         int(resolution),
         max(int(resolution), round(resolution / crop_pct)),
         _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"),
         source=source,
     )
+
+
+def _hf_mean_std(processor: dict) -> tuple[tuple, tuple]:
+    """The processor's normalisation in 0..255 pixel units: (x * rescale_factor [- 1 with
+    rescale_offset] - mean) / std, and once more / std where EfficientNetImageProcessor's
+    include_top asks it (google/efficientnet-b*: its image_std is the square root of
+    ImageNet's, Keras' normalisation quirk, so the two divisions give ImageNet's std)."""
+    scale = float(processor.get("rescale_factor") or 1 / 255)
+    offset = 1.0 if processor.get("rescale_offset") else 0.0
+    std = [float(v) for v in processor["image_std"]]
+    twice = processor.get("image_processor_type", "").startswith("EfficientNetImageProcessor")
+    if twice and processor.get("include_top", True):
+        std = [v * v for v in std]
+    mean = tuple((m + offset) / scale for m in processor["image_mean"])
+    return mean, tuple(v / scale for v in std)
 
 
 def from_timm(pretrained_cfg: dict, *, source: str) -> Preprocessing:

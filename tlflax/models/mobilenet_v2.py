@@ -97,8 +97,14 @@ VARIANTS = {
     # 8 wide, so the first block is a residual one and no width marks a stage boundary);
     # compiles in a few seconds.
     "mobilenet_v2_tiny": (0.25, 32, "bilinear", 0.0),
+    # keras.applications.MobileNetV2's numerics (keras:mobilenet_v2_<alpha>_<rows> files):
+    # TF 'same' padding, BatchNorm epsilon 1e-3 and momentum 0.999, no dropout.
+    "mobilenet_v2_keras": (1.0, 224, "bilinear", 0.0),
+    "mobilenet_v2_140_keras": (1.4, 224, "bilinear", 0.0),
 }
 ARCHS = {name: {"width": w} for name, (w, _, _, _) in VARIANTS.items()}
+for _keras in ("mobilenet_v2_keras", "mobilenet_v2_140_keras"):
+    ARCHS[_keras].update(padding="same", bn_eps=1e-3, bn_momentum=0.999)
 ARCHS["mobilenet_v2_tiny"]["stages"] = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 1, 2), (6, 96, 2, 1), (6, 160, 1, 2),
     (6, 320, 1, 1),

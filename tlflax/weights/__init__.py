@@ -42,6 +42,7 @@ _FAMILY_CONVENTION = {
     "mobilenet_v2": "imagenet",
     "xception": "minus_one_to_one",
     "convnext": "imagenet",
+    "efficientnet": "imagenet",  # torchvision's, timm's ra / aa / ns (not ap, ra4: [-1, 1])
 }
 _FORMAT_CONVENTION = {".npz": "minus_one_to_one"}
 # Keras files (.h5 .hdf5 .keras, keras:NAME) carry no preprocessing: that of keras.applications'
@@ -63,6 +64,7 @@ _HF_MODEL_TYPE = {
     "resnet": ("imagenet", 0.875),
     "vit": ("minus_one_to_one", 1.0),
     "convnext": ("imagenet", 0.875),
+    "efficientnet": ("imagenet", 1.0),  # google/efficientnet-b*: resized, not cropped
 }
 
 

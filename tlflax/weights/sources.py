@@ -69,7 +69,9 @@ def _keras_mobilenet_v2(alpha: float, rows: int, top: bool) -> KerasFile:
     """keras.applications.MobileNetV2(alpha, input rows): get_file is given no hash."""
     name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{rows}"
     name += ".h5" if top else "_no_top.h5"
-    models = ("mobilenet_v2", "mobilenet_v2_140") if alpha == 1.4 else ("mobilenet_v2",)
+    models = ("mobilenet_v2", "mobilenet_v2_keras")
+    if alpha == 1.4:
+        models = ("mobilenet_v2_140", "mobilenet_v2_140_keras", *models)
     return KerasFile(models, name, f"{_KERAS_URL}mobilenet_v2/{name}", None)
 
 
@@ -124,6 +126,23 @@ SUGGESTED = {
     "vgg19": ("timm:vgg19.tv_in1k", "keras:vgg19"),
     "mobilenet_v2": ("timm:mobilenetv2_100.ra_in1k",),
     "mobilenet_v2_140": ("timm:mobilenetv2_140.ra_in1k",),
+    "mobilenet_v2_keras": ("keras:mobilenet_v2_1.00_224",),
+    "mobilenet_v2_140_keras": ("keras:mobilenet_v2_1.40_224",),
+    "efficientnet_b0": ("timm:efficientnet_b0.ra_in1k", "timm:efficientnet_b0.ra4_e3600_r224_in1k"),
+    "efficientnet_b1": ("timm:efficientnet_b1.ra4_e3600_r240_in1k", "timm:efficientnet_b1.ft_in1k"),
+    "efficientnet_b2": ("timm:efficientnet_b2.ra_in1k",),
+    "efficientnet_b3": ("timm:efficientnet_b3.ra2_in1k",),
+    "efficientnet_b4": ("timm:efficientnet_b4.ra2_in1k",),
+    "efficientnet_b5": ("timm:efficientnet_b5.sw_in12k_ft_in1k",),
+    # efficientnet_b6 / b7: torchvision's .pth files only (no hub weights)
+    **{
+        f"tf_efficientnet_b{i}": (
+            f"timm:tf_efficientnet_b{i}.ns_jft_in1k",
+            f"timm:tf_efficientnet_b{i}.aa_in1k",
+            f"hf:google/efficientnet-b{i}",
+        )
+        for i in range(8)
+    },
     "xception": ("timm:legacy_xception.tf_in1k", "keras:xception"),
     **{
         f"convnext_{s}": (
