@@ -2,8 +2,11 @@
 transformers (random weights, tiny layouts), names and shapes pinned against full-size b0 and
 b7 state dicts, depth maps, options, loud loads, and a run from a .pth through the trainer."""
 
+import contextlib
 import functools
 import json
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models.efficientnet import EfficientNet as TimmEfficientNet
 
 from tlflax import config_lib, optim, tree
+from tlflax import preprocessing as pp
 from tlflax.errors import ConfigError
 from tlflax.models import available, create_model, efficientnet
 from tlflax.weights import (
@@ -25,9 +29,12 @@ from tlflax.weights import (
     convert_efficientnet,
     load_pretrained,
     merge_variables,
+    sources,
 )
 
 TOL = 1e-4  # fp32, max |logits diff|
+# Keras' own: numpy 2 asks its variables for __array__(copy=...).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 TINY = efficientnet.VARIANTS["efficientnet_tiny"][0]
 # transformers hard-codes the stem (32) and head (1280) widths before scaling: the tests of
 # TF conventions use them, the PyTorch ones keep the tiny variant's (16, 64).
@@ -466,3 +473,334 @@ def test_a_timm_pth_fine_tunes_its_last_stages(tmp_path):
     assert _max_diff(tuned, file(ref.conv_head.weight)) > 1e-5
     head = params["head"]["out"]["kernel"]
     assert head.shape == (64, 10) and float(jnp.abs(head).sum()) > 0
+
+
+# --- keras.applications.EfficientNetB0..B7 (Keras on JAX: tests/conftest.py) ---
+
+# 57 px: the stride-2 convs see sides 57, 29, 15 (odd: Keras' correct_pad pads 1 | 1, 2 | 2)
+# and 8, 4 (even: 0 | 1, 1 | 2), kernels 3 and 5 at both parities, the map ending at 2.
+KERAS_SIZE = 57
+KERAS_MEAN, KERAS_VAR = (0.5, 0.45, 0.4), (0.06, 0.05, 0.055)  # ImageNet-like, not ImageNet's
+N_KERAS_WEIGHTS = 314  # keras.applications.EfficientNetB0: 311 arrays + Normalization's 3
+
+
+def _keras():
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "jax":
+        pytest.skip(f"keras runs on {keras.backend.backend()}; these tests call it under jax.jit")
+    return keras
+
+
+@contextlib.contextmanager
+def _cheap_keras_init():
+    """Keras' initialisers as numpy fills while a model builds (each value is replaced or
+    only its shape is read): jax's zeros compile one program per shape, seconds of CPU."""
+    init = _keras().initializers
+    with pytest.MonkeyPatch.context() as mp:
+        for cls, fill in ((init.VarianceScaling, 0.0), (init.Zeros, 0.0), (init.Ones, 1.0)):
+            mp.setattr(cls, "__call__", _filler(fill))
+        yield mp
+
+
+def _filler(fill: float):
+    return lambda self, shape, dtype=None: np.full(shape, fill, dtype or "float32")
+
+
+def _keras_efficientnet(i: int, *, size: int, classes: int = N_CLASSES, **kwargs):
+    keras = _keras()
+    with _cheap_keras_init():
+        return getattr(keras.applications, f"EfficientNetB{i}")(
+            weights=None, input_shape=(size, size, 3), classes=classes,
+            classifier_activation=None, **kwargs,
+        )  # fmt: skip
+
+
+def _set_normalization(model, mean, variance):
+    """The Normalization layer's arrays; Keras computes with the constants finalize_state
+    derives from them."""
+    (layer,) = [la for la in model.layers if type(la).__name__ == "Normalization"]
+    layer.adapt_mean.assign(np.asarray(mean, np.float32))
+    layer.adapt_variance.assign(np.asarray(variance, np.float32))
+    layer.finalize_state()
+
+
+def _keras_randomised(model, *, seed: int):
+    """Every kernel, bias and BatchNorm statistic drawn (O(1) activations through 16 blocks),
+    the Normalization ImageNet-like."""
+    rng = np.random.default_rng(seed)
+    draws = {"gamma": lambda s: rng.normal(1.0, 0.3, s), "beta": lambda s: rng.normal(0, 0.3, s),
+             "moving_mean": lambda s: rng.normal(0, 0.5, s),
+             "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
+             "bias": lambda s: rng.normal(0, 0.3, s)}  # fmt: skip
+    for var in model.weights:
+        layer, leaf = var.path.rsplit("/", 1)
+        if layer.startswith("normalization"):
+            continue
+        shape = tuple(var.shape)
+        fan_in = np.prod(shape[:2]) if layer.endswith("_dwconv") else np.prod(shape[:-1])
+        value = draws[leaf](shape) if leaf in draws else rng.normal(0, (2 / fan_in) ** 0.5, shape)
+        var.assign(value.astype(np.float32))
+    _set_normalization(model, KERAS_MEAN, KERAS_VAR)
+    return model
+
+
+def _keras_fn(model):
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    return jax.jit(lambda x: model.stateless_call(trainable, frozen, x, training=False)[0])
+
+
+def _strip_layer_names(src, dst):
+    """A Keras 3 .weights.h5 as Keras wrote it before layer names were stored."""
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
+                     else None)  # fmt: skip
+
+
+def _pictures(n: int, size: int) -> np.ndarray:
+    """uint8 images: smooth gradients and noise, each channel unlike the others."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(0)
+    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
+    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def keras_b0(tmp_path_factory):
+    """keras.applications.EfficientNetB0 (weights=None, 5 classes) at 57 px, random weights,
+    its logits on uint8 pictures, its files (.weights.h5, .keras, Keras 2 .h5, a .weights.h5
+    naming no layer, the backbone's .h5 without the top), and tlflax's tf_efficientnet_b0
+    ('conv' depthwise: the shorter compile), compiled once."""
+    keras = _keras()
+    model = _keras_randomised(_keras_efficientnet(0, size=KERAS_SIZE), seed=3)
+    folder = tmp_path_factory.mktemp("keras_efficientnet")
+    files = {fmt: folder / f"b0{fmt}" for fmt in (".weights.h5", ".keras", ".h5")}
+    model.save_weights(files[".weights.h5"])
+    model.save(files[".keras"])
+    model.save(files[".h5"])  # Keras 3 still writes Keras 2's layout
+    files["unnamed"] = folder / "unnamed.weights.h5"
+    _strip_layer_names(files[".weights.h5"], files["unnamed"])
+    files["notop"] = folder / "b0_notop.h5"
+    keras.Model(model.input, model.get_layer("top_activation").output).save(files["notop"])
+    pictures = _pictures(2, KERAS_SIZE)
+    spec = create_model("tf_efficientnet_b0", num_classes=N_CLASSES, depthwise="conv")
+    return {"model": model, "files": files, "pictures": pictures, "spec": spec,
+            "want": np.asarray(_keras_fn(model)(pictures.astype(np.float32))),
+            "shapes": jax.eval_shape(lambda: spec.init(jax.random.key(0), KERAS_SIZE)),
+            "apply": jax.jit(spec.module.apply)}  # fmt: skip
+
+
+@pytest.fixture
+def keras_convention(monkeypatch):
+    """load_pretrained's Keras preprocessing for the family: keras_preprocessing (the lead
+    wires it in tlflax.weights; set here too, so that these tests run either way)."""
+    from tlflax import weights
+
+    monkeypatch.setitem(weights._KERAS_CONVENTION, "efficientnet",
+                        convert_efficientnet.keras_preprocessing)  # fmt: skip
+
+
+def _normalise(pictures, prep):
+    from tlflax.data import augment
+
+    return augment.make_eval_transform(image_size=pictures.shape[1], preprocessing=prep)(pictures)
+
+
+# ~20 s on 2 cores with the fixture: Keras builds B0, saves it five ways and compiles it;
+# tlflax compiles B0 once.
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", [".weights.h5", ".keras", ".h5", "unnamed"])
+def test_logits_match_keras_efficientnet_b0_from_uint8_pixels(keras_b0, keras_convention, fmt):
+    """Keras' EfficientNetB0 on raw pixels (its preprocess_input is the identity: the model
+    normalises) against tlflax's normalisation from keras_preprocessing, then the converted
+    tf_efficientnet_b0, every file format (the unnamed one by Keras' numbering per class)."""
+    k = keras_b0
+    loaded = load_pretrained(k["spec"], str(k["files"][fmt]), variables=k["shapes"], reinit=())
+    report, prep = loaded.report, loaded.preprocessing
+    assert report.scheme == "keras" and len(report.loaded) == N_KERAS_WEIGHTS - 3
+    assert sorted(k.rsplit("/", 1)[1] for k in report.ignored) == ["count", "mean", "variance"]
+    assert prep.mean == pytest.approx([255 * m for m in KERAS_MEAN], rel=1e-6)
+    assert prep.std == pytest.approx([255 * v**0.5 for v in KERAS_VAR], rel=1e-6)
+    assert prep.resolution == 224 and "Keras efficientnet" in prep.source  # the model's
+    ours = np.asarray(k["apply"](loaded.variables, _normalise(k["pictures"], prep)))
+    assert np.std(k["want"]) > 0.1
+    assert _max_diff(ours, k["want"]) <= TOL
+
+
+def _keras_imagenet_b0(keras_b0):
+    """EfficientNetB0(weights='imagenet', include_top=False) as Keras builds it (its extra
+    Rescaling by 1 / sqrt(std)), the 'download' being the fixture's backbone file."""
+    from keras.src.applications import efficientnet as keras_efficientnet
+
+    with _cheap_keras_init() as mp:
+        mp.setattr(keras_efficientnet.file_utils, "get_file",
+                   lambda *args, **kwargs: str(keras_b0["files"]["notop"]))  # fmt: skip
+        model = _keras().applications.EfficientNetB0(
+            weights="imagenet", include_top=False, input_shape=(KERAS_SIZE, KERAS_SIZE, 3)
+        )
+    # keras.applications' files hold ImageNet's mean, and its std as the variance.
+    _set_normalization(model, [m / 255 for m in pp.IMAGENET_MEAN],
+                       [s / 255 for s in pp.IMAGENET_STD])  # fmt: skip
+    return model
+
+
+# ~5 s: Keras builds and saves B0 without its top (the fixture's too).
+@pytest.mark.slow
+def test_keras_imagenet_normalisation_and_a_notop_file(keras_b0, keras_convention, tmp_path,
+                                                      monkeypatch):  # fmt: skip
+    """weights='imagenet' models divide by sqrt(std) once more: from the config of a .keras
+    file, and from the ImageNet values of a file of weights alone (keras:efficientnetb0_notop
+    from a temporary Keras cache, as keras.applications' own files are); tlflax's ImageNet
+    mean / std equal Keras' normalising layers on uint8 pixels. The no-top file loads with
+    the head new, or fails naming it where every variable must come from the file."""
+    import h5py
+
+    keras = _keras()
+    model = _keras_imagenet_b0(keras_b0)
+    model.save(tmp_path / "imagenet.keras")
+    model.save(tmp_path / "efficientnetb0_notop.h5")
+    with h5py.File(tmp_path / "efficientnetb0_notop.h5", "r+") as f:
+        del f.attrs["model_config"]  # weights alone, as keras.applications' files
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    entry = sources.KerasFile(("tf_efficientnet_b0",), "efficientnetb0_notop.h5", "unused", None)
+    monkeypatch.setitem(sources.KERAS_FILES, "efficientnetb0_notop", entry)
+    (tmp_path / "models").mkdir()
+    shutil.move(tmp_path / "efficientnetb0_notop.h5", tmp_path / "models")
+    layers = keras.Model(model.input, model.get_layer("stem_conv_pad").input)
+    pixels = keras_b0["pictures"]
+    want = np.asarray(jax.jit(layers)(pixels.astype(np.float32)))
+    spec, shapes = keras_b0["spec"], keras_b0["shapes"]
+    for source in (str(tmp_path / "imagenet.keras"), "keras:efficientnetb0_notop"):
+        loaded = load_pretrained(spec, source, variables=shapes)
+        prep = loaded.preprocessing
+        assert prep.mean == pytest.approx(pp.IMAGENET_MEAN, rel=1e-6)
+        assert prep.std == pytest.approx(pp.IMAGENET_STD, rel=1e-6)
+        assert _max_diff(_normalise(pixels, prep), want) <= 1e-5
+        assert loaded.report.reinitialised == ["params/head/out/bias", "params/head/out/kernel"]
+        assert len(loaded.report.loaded) == N_KERAS_WEIGHTS - 3 - 2
+        got = loaded.variables["params"]["backbone"]["stage7"]["block1"]["dw_conv"]["kernel"]
+        kernel = keras_b0["model"].get_layer("block7a_dwconv").get_weights()[0]
+        np.testing.assert_array_equal(got, kernel.transpose(0, 1, 3, 2))
+    with pytest.raises(CheckpointMismatchError, match="(?s)missing.*head/out/kernel"):
+        load_pretrained(spec, "keras:efficientnetb0_notop", variables=shapes, reinit=())
+
+
+@functools.cache
+def _keras_full_size_state(i: int) -> dict:
+    """The arrays' paths and shapes of keras.applications' EfficientNetB{i} (1000 classes;
+    zero-cost arrays: shapes only, no forward pass)."""
+    model = _keras_efficientnet(i, size=32, classes=1000)
+    return {w.path: np.broadcast_to(np.zeros((), w.dtype), tuple(w.shape)) for w in model.weights}
+
+
+# ~5 s: Keras builds B0 and B7 (numpy fills for initialisers; shapes only).
+@pytest.mark.slow
+@pytest.mark.parametrize("i, n_params", [(0, 5_288_548), (7, 66_347_960)])
+def test_names_and_shapes_are_keras_applications(i, n_params):
+    """Every array of Keras' full-size B0 / B7 lands on a parameter of tf_efficientnet_b<i>
+    of the same shape (Keras' widths, depths and SE widths are tlflax's), the Normalization
+    listed as ignored; a missing, an unexpected and a misshapen array are named."""
+    state = _keras_full_size_state(i)
+    assert "block1a_dwconv/kernel" in state  # Keras 3's name for a depthwise kernel
+    variables, report = _load(_full_spec(i), state)
+    assert report.scheme == "keras" and len(report.loaded) == len(state) - 3
+    assert sorted(re.sub(r"_\d+/", "/", k) for k in report.ignored) == [
+        "normalization/count", "normalization/mean", "normalization/variance"]  # fmt: skip
+    assert sum(np.size(v) for v in tree.flatten(variables["params"]).values()) == n_params
+    if i:
+        return
+    cases = {
+        "missing": {k: v for k, v in state.items() if k != "block2b_se_reduce/bias"},
+        "unexpected": {**state, "block2b_se_gate/kernel": np.zeros(3, np.float32)},
+        "shape mismatch": {**state, "block2b_se_reduce/kernel": np.zeros((1, 1, 144, 7))},
+    }
+    for what, bad in cases.items():
+        with pytest.raises(CheckpointMismatchError, match=what):
+            _load(_full_spec(i), bad)
+
+
+def _keras_names_state(i: int) -> dict:
+    """A stand-in Keras file of B<i>'s layer names (one array each; the stem's real shape)."""
+    spec = create_model(f"tf_efficientnet_b{i}", num_classes=2)
+    order = convert_efficientnet.keras_layer_order(spec.arch)
+    state = {f"{n}/kernel": np.zeros(1, np.float32) for names in order.values() for n in names}
+    state["stem_conv/kernel"] = np.zeros((3, 3, 3, efficientnet.round_filters(
+        32, multiplier=spec.arch["width_coefficient"], divisor=8)), np.float32)  # fmt: skip
+    return state
+
+
+def test_keras_names_place_each_layer_and_wrong_models_are_refused():
+    spec = create_model("tf_efficientnet_b0", num_classes=5)
+    module = functools.partial(convert_efficientnet.keras_module, repeats=spec.arch["repeats"])
+    assert module("block1a_se_reduce") == "backbone/stage1/block1/se/reduce"
+    assert module("block2b_bn") == "backbone/stage2/block2/dw_bn"
+    assert module("block6d_expand_conv") == "backbone/stage6/block4/expand_conv"
+    assert module("top_bn") == "backbone/head_bn" and module("predictions") == "head/out"
+    assert module("block6e_dwconv") is None and module("block8a_dwconv") is None
+    order = convert_efficientnet.keras_layer_order(spec.arch)
+    assert order["conv2d"][:5] == ["stem_conv", "block1a_se_reduce", "block1a_se_expand",
+                                   "block1a_project_conv", "block2a_expand_conv"]  # fmt: skip
+    n_layers = {c: len(v) for c, v in order.items()}
+    assert n_layers == {"conv2d": 65, "depthwise_conv2d": 16, "batch_normalization": 49,
+                        "dense": 1, "normalization": 1}  # fmt: skip
+    # A B1 file into B0: refused naming the model it fits (a B0 file into B1 likewise).
+    with pytest.raises(CheckpointMismatchError, match=r"EfficientNetB1\).*tf_efficientnet_b1"):
+        convert_efficientnet.convert(_keras_names_state(1), spec=spec, shapes=None)
+    b1 = create_model("tf_efficientnet_b1", num_classes=5)
+    with pytest.raises(CheckpointMismatchError, match="use model tf_efficientnet_b0"):
+        convert_efficientnet.convert(_keras_names_state(0), spec=b1, shapes=None)
+    # PyTorch's numerics: refused in one line naming the model with Keras' (or the options).
+    for name, want in [("efficientnet_b0", "use model 'tf_efficientnet_b0'"),
+                       ("efficientnet_tiny", "padding='same', bn_eps=0.001")]:  # fmt: skip
+        other = create_model(name, num_classes=5)
+        state = _keras_names_state(0) if name != "efficientnet_tiny" else {
+            "stem_conv/kernel": np.zeros((3, 3, 3, 16), np.float32)}  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            convert_efficientnet.convert(state, spec=other, shapes=None)
+        assert want in str(e.value) and "\n" not in str(e.value)
+    # A Keras 3 file that names no layer, of another layout: refused, not misplaced.
+    unnamed = {"layers/conv2d/vars/0": np.zeros((3, 3, 3, 32), np.float32)}
+    with pytest.raises(CheckpointMismatchError, match="names no layers"):
+        convert_efficientnet.convert(unnamed, spec=spec, shapes=None)
+
+
+def _weights_only_h5(path, layers: dict[str, dict[str, np.ndarray]]):
+    """A Keras 2 save_weights .h5 (keras.applications' own files are of this kind)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([n.encode() for n in layers])
+        for layer, arrays in layers.items():
+            g = f.create_group(layer)
+            g.attrs["weight_names"] = np.array([f"{layer}/{w}:0".encode() for w in arrays])
+            for w, value in arrays.items():
+                g[f"{layer}/{w}:0"] = value
+
+
+def test_keras_preprocessing_of_weights_alone(tmp_path):
+    """Without the model's config: Rescaling(1/255), the file's Normalization, and Keras'
+    compensation exactly where the variance is ImageNet's std (weights='imagenet'); a file
+    without one Normalization is refused, saying what to set."""
+    spec = create_model("tf_efficientnet_b3", num_classes=2)
+    stem = {"kernel": np.zeros((3, 3, 3, 40), np.float32)}
+    count = np.array(0, np.int64)
+    cases = {
+        "imagenet": ([m / 255 for m in pp.IMAGENET_MEAN], [s / 255 for s in pp.IMAGENET_STD],
+                     pp.IMAGENET_MEAN, pp.IMAGENET_STD),
+        "adapted": (KERAS_MEAN, KERAS_VAR, [255 * m for m in KERAS_MEAN],
+                    [255 * v**0.5 for v in KERAS_VAR]),
+    }  # fmt: skip
+    for case, (mean, var, want_mean, want_std) in cases.items():
+        path = tmp_path / f"{case}.h5"
+        norm = {"mean": np.float32(mean), "variance": np.float32(var), "count": count}
+        _weights_only_h5(path, {"normalization": norm, "stem_conv": stem})
+        prep = convert_efficientnet.keras_preprocessing(sources.resolve(str(path)), spec)
+        assert prep.mean == pytest.approx(want_mean, rel=1e-6)
+        assert prep.std == pytest.approx(want_std, rel=1e-6)
+        assert (prep.resolution, prep.interpolation) == (300, "bicubic")  # B3's
+    _weights_only_h5(tmp_path / "none.h5", {"stem_conv": stem})
+    with pytest.raises(ConfigError, match="0 Normalization layers.*weights.preprocessing"):
+        convert_efficientnet.keras_preprocessing(sources.resolve(str(tmp_path / "none.h5")), spec)

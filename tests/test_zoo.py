@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax import imagenet, main
+from tlflax import imagenet, main, zoo
 from tlflax.models import common, create_model
 
 
@@ -72,17 +72,27 @@ def test_inspect_of_an_unknown_model_is_one_line_naming_the_close_ones(capsys):
 
 
 @pytest.mark.slow
-def test_every_listed_model_builds_and_runs_a_forward_pass_at_two_resolutions():
-    """Zero weights of the init's shapes (a real init of ViT-L is seconds of random numbers):
-    the forward pass, its shapes and its output are what is checked."""
+def test_every_listed_model_traces_at_two_resolutions_with_its_listed_size():
+    """Every model's init and forward pass, traced at its native resolution and at 64 px
+    (jax.eval_shape: shapes only; compiling every full-size model would take most of an hour
+    on 2 cores, and each family's tests run its small variant for real at two sizes against
+    its reference): 7 logits per image, and the parameter count `tlflax models` lists
+    (tlflax/models/param_counts.json) is the model's own."""
+    counts = json.loads(zoo.COUNTS_FILE.read_text())
+    assert sorted(counts) == common.available(), "python -m tlflax.zoo --write-counts"
     for name in common.available():
         spec = create_model(name, num_classes=7)
-        for size in (32, 64):
-            shapes = jax.eval_shape(lambda spec=spec, size=size: spec.init(jax.random.key(0), size))
-            variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            x = jnp.ones((2, size, size, 3), jnp.float32)
-            logits = jax.jit(spec.module.apply)(variables, x)
-            assert logits.shape == (2, 7) and bool(jnp.all(jnp.isfinite(logits))), (name, size)
+        native = spec.preprocessing.resolution
+        for size in (native, 64):
+            x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+            logits, variables = jax.eval_shape(
+                lambda x, spec=spec: spec.module.init_with_output(jax.random.key(0), x), x
+            )
+            assert logits.shape == (2, 7), (name, size)
+            if size == native:  # a 1000-class head instead of this 7-class one
+                n_params = sum(v.size for v in jax.tree_util.tree_leaves(variables["params"]))
+                n_params += (spec.features_at(native) + 1) * (1000 - 7)
+                assert n_params == counts[name], name
 
 
 def test_predict_with_a_model_refuses_what_does_not_apply(tmp_path, capsys):

@@ -1,10 +1,20 @@
 """`tlflax models [PATTERN]`: the registered models, their size and native resolution, where
-their ImageNet weights come from, with which preprocessing, and which are on this machine."""
+their ImageNet weights come from, with which preprocessing, and which are on this machine.
+
+Parameter counts come from tlflax/models/param_counts.json, which `python -m tlflax.zoo
+--write-counts` writes from each model's own traced init (tests/test_zoo.py checks every
+entry against it): tracing all of them takes about a minute on 2 CPU cores, too long for a
+listing. A model missing from the file (one registered by a user) is traced when listed.
+"""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import json
+import pathlib
+import sys
 
 import jax
 
@@ -36,6 +46,32 @@ def is_test_variant(name: str) -> bool:
     return name.endswith(("_tiny", "_test"))
 
 
+COUNTS_FILE = pathlib.Path(__file__).parent / "models" / "param_counts.json"
+
+
+def count_params(name: str) -> int:
+    """The number of parameters of model `name` with a 1000-class head, at its native
+    resolution, from its traced init (no arrays are allocated)."""
+    spec = create_model(name, num_classes=1000)
+    shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0)))
+    return sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+@functools.cache
+def _shipped_counts() -> dict[str, int]:
+    return json.loads(COUNTS_FILE.read_text()) if COUNTS_FILE.is_file() else {}
+
+
+def params_of(name: str) -> int:
+    return _shipped_counts().get(name) or count_params(name)
+
+
+def write_counts() -> dict[str, int]:
+    counts = {name: count_params(name) for name in common.available()}
+    COUNTS_FILE.write_text(json.dumps(counts, indent=1, sort_keys=True) + "\n")
+    return counts
+
+
 def rows(pattern: str = "", *, cache_dir: str | None = None) -> list[dict]:
     """One row per (model, suggested weights source); a model's own columns on its first."""
     from tlflax.weights import sources
@@ -43,8 +79,7 @@ def rows(pattern: str = "", *, cache_dir: str | None = None) -> list[dict]:
     out = []
     for name in matching(pattern):
         spec = create_model(name, num_classes=1000)
-        shapes = jax.eval_shape(lambda spec=spec: spec.init(jax.random.key(0)))
-        n_params = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+        n_params = params_of(name)
         model = {
             "model": name,
             "family": spec.family,
@@ -89,3 +124,9 @@ def table(pattern: str = "", *, cache_dir: str | None = None) -> str:
         "--config.weights.source=SOURCE (train) or --weights SOURCE (inspect, predict --model)."
     )
     return evaluate.format_table(found, COLUMNS) + "\n" + note
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-counts"]:
+        sys.exit("usage: python -m tlflax.zoo --write-counts")
+    print(f"{len(write_counts())} models counted into {COUNTS_FILE}")

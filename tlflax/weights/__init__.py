@@ -55,6 +55,10 @@ _KERAS_CONVENTION = {
     "xception": "minus_one_to_one",  # Keras' 'tf' mode: x / 127.5 - 1
     # 'tf' mode, at the resolution keras.applications' file name gives (..._0.35_96.h5: 96)
     "mobilenet_v2": lambda checkpoint, spec: _keras_mobilenet_v2(checkpoint, spec),
+    # The model normalises inside (Rescaling, Normalization[, Rescaling]): read from the file.
+    "efficientnet": lambda checkpoint, spec: importlib.import_module(
+        "tlflax.weights.convert_efficientnet"
+    ).keras_preprocessing(checkpoint, spec),
     # ResNet50 (caffe) once convert_resnet reads Keras files and flips its stem conv.
 }
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")

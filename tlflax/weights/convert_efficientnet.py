@@ -21,18 +21,44 @@ says which stage each one belongs to, so a checkpoint of another depth yields na
 lacks or misses, and the merge lists them. Which padding and BatchNorm epsilon the weights
 need is not in the keys: the model name says it (efficientnet_b* for PyTorch-trained weights,
 tf_efficientnet_b* for TF-trained ones; see tlflax.models.efficientnet).
+
+A fourth scheme, 'keras': keras.applications.EfficientNetB0..B7 files (tlflax.weights.keras:
+Keras 2 .h5 from save_weights or model.save, Keras 3 .weights.h5 and .keras;
+keras:efficientnetb<i>[_notop]): stem_conv, stem_bn; block{s}{letter}_{expand_conv,
+expand_bn, dwconv, bn, se_reduce, se_expand, project_conv, project_bn} (stage s from 1,
+block a, b, c, ...; stage 1's blocks have no expand_*); top_conv, top_bn; predictions (the
+1000-class layer; *_notop files end at top_bn). The SE layers are 1x1 Conv2Ds with biases
+(kernel (1, 1, C, R)), here Dense layers. A Keras 3 file that names no layer is read by
+Keras' numbering of each class in model order (conv2d, depthwise_conv2d,
+batch_normalization, dense, normalization), refused where its counts are not the model's.
+Keras' numerics are tf_efficientnet_b*'s exactly (correct_pad + 'valid' is TF's SAME at the
+size the Keras model was built for, BatchNormalization epsilon 1e-3, momentum 0.99, the
+same width rounding and SE widths): a model of other numerics is refused in one line naming
+tf_efficientnet_b<i>; a file of another depth is refused naming the model it fits.
+The model normalises its own input (Rescaling(1/255), Normalization, and with
+weights='imagenet' a Rescaling by 1/sqrt(std)): those layers' arrays are not parameters
+(listed in `ignored`); `keras_preprocessing` turns them into tlflax's mean / std.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import re
+import zipfile
 
 import numpy as np
 
+from tlflax import preprocessing as pp
 from tlflax.errors import ConfigError
+from tlflax.models import efficientnet
+from tlflax.weights import keras
 from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.merge import CheckpointMismatchError
+from tlflax.weights.readers import CorruptCheckpointError
 
-SCHEMES = ("timm", "torchvision", "transformers")
+SCHEMES = ("timm", "torchvision", "transformers", "keras")
 _IGNORED = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
 _TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn", "conv_head": "head_conv", "bn2": "head_bn"}
@@ -82,6 +108,8 @@ def _strip(key: str) -> str:
 
 def detect_scheme(keys) -> str:
     keys = [_strip(k) for k in keys]
+    if any(_KERAS_ANY.match(k) for k in keys):
+        return "keras"
     if "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
         return "timm"
     if "features.0.0.weight" in keys:
@@ -92,7 +120,8 @@ def detect_scheme(keys) -> str:
         f"not an EfficientNet checkpoint tlflax knows (keys such as {sorted(keys)[:5]}); "
         "supported: timm ('conv_stem.weight', 'blocks.0.0.conv_dw.weight', ...), torchvision "
         "('features.0.0.weight', 'features.1.0.block.0.0.weight', ...) and transformers "
-        "('efficientnet.embeddings.convolution.weight', 'efficientnet.encoder.blocks.0...')"
+        "('efficientnet.embeddings.convolution.weight', 'efficientnet.encoder.blocks.0...') "
+        "and keras.applications ('stem_conv/kernel', 'block1a_dwconv/depthwise_kernel', ...)"
     )
 
 
@@ -170,6 +199,391 @@ def _rule(module: str, leaf: str):
     return TORCH_LEAVES.get((kind, leaf))
 
 
+# --------------------------------------------------------------------------- keras
+
+# keras.applications.EfficientNet's numerics (tf_efficientnet_b*'s options).
+KERAS_OPTIONS = {"padding": "same", "bn_eps": 1e-3}
+_KERAS_TOP = {
+    "stem_conv": "backbone/stem/conv",
+    "stem_bn": "backbone/stem/bn",
+    "top_conv": "backbone/head_conv",
+    "top_bn": "backbone/head_bn",
+    "predictions": "head/out",
+}
+_KERAS_PARTS = {
+    "expand_conv": "expand_conv",
+    "expand_bn": "expand_bn",
+    "dwconv": "dw_conv",
+    "bn": "dw_bn",
+    "se_reduce": "se/reduce",
+    "se_expand": "se/expand",
+    "project_conv": "project_conv",
+    "project_bn": "project_bn",
+}
+_KERAS_BLOCK = re.compile(r"block(\d+)([a-z])_(\w+)")
+_KERAS_NORMALIZATION = re.compile(r"normalization(_\d+)?")
+_KERAS_ANY = re.compile(
+    r"(stem_conv|stem_bn|top_conv|top_bn|block\d+[a-z]_\w+|"
+    r"layers/(depthwise_conv2d|conv2d|batch_normalization)(_\d+)?)/"
+)
+_KERAS_IGNORED = (
+    "Keras' in-model input normalisation (its Normalization layer), not a parameter: "
+    "tlflax normalises on the device, with convert_efficientnet.keras_preprocessing's "
+    "mean / std from these values"
+)
+# Keras' weight -> (collection, tlflax leaf, layout change). A depthwise kernel is
+# (k, k, C, 1) in Keras, (k, k, 1, C) in flax; an SE conv's (1, 1, C, R) a Dense (C, R).
+_KERAS_LEAVES = {
+    "kernel": ("params", "kernel", None),
+    "depthwise_kernel": ("params", "kernel", lambda w: np.transpose(w, (0, 1, 3, 2))),
+    "gamma": ("params", "scale", None),
+    "beta": ("params", "bias", None),
+    "moving_mean": ("batch_stats", "mean", None),
+    "moving_variance": ("batch_stats", "var", None),
+    "bias": ("params", "bias", None),
+}
+
+
+def _keras_kernel_1x1(w: np.ndarray) -> np.ndarray:
+    if w.ndim != 4 or w.shape[:2] != (1, 1):
+        raise ValueError(f"expected a Keras 1x1 conv kernel (1, 1, in, out), got {w.shape}")
+    return w[0, 0]
+
+
+def keras_block_names(layout) -> dict[tuple[int, int], str]:
+    """(stage, block), both from 1 -> Keras' block prefix ('block2b_')."""
+    return {
+        (s, j): f"block{s}{chr(96 + j)}_"
+        for s, blocks in enumerate(layout, 1)
+        for j in range(1, len(blocks) + 1)
+    }
+
+
+def keras_layer_order(arch: dict) -> dict[str, list[str]]:
+    """Keras' layer names per class in model order (how a Keras 3 file that names no layer
+    numbers them: conv2d, conv2d_1, ...), for a model of this layout."""
+    convs, depthwise, norms = ["stem_conv"], [], ["stem_bn"]
+    layout = efficientnet.block_layout(arch)
+    for (s, j), prefix in keras_block_names(layout).items():
+        block = layout[s - 1][j - 1]
+        if block.expand_ratio != 1:
+            convs.append(f"{prefix}expand_conv")
+            norms.append(f"{prefix}expand_bn")
+        depthwise.append(f"{prefix}dwconv")
+        norms += [f"{prefix}bn", f"{prefix}project_bn"]
+        if arch["se_ratio"] > 0:
+            convs += [f"{prefix}se_reduce", f"{prefix}se_expand"]
+        convs.append(f"{prefix}project_conv")
+    return {
+        "conv2d": [*convs, "top_conv"],
+        "depthwise_conv2d": depthwise,
+        "batch_normalization": [*norms, "top_bn"],
+        "dense": ["predictions"],
+        "normalization": ["normalization"],
+    }
+
+
+def _keras_kind(layer: str) -> str | None:
+    if layer in ("stem_conv", "top_conv") or re.fullmatch(
+        r"block\d+[a-z]_(expand_conv|se_reduce|se_expand|project_conv)", layer
+    ):
+        return "Conv2D"
+    if re.fullmatch(r"block\d+[a-z]_dwconv", layer):
+        return "DepthwiseConv2D"
+    if layer in ("stem_bn", "top_bn") or re.fullmatch(r"block\d+[a-z]_\w*bn", layer):
+        return "BatchNormalization"
+    if _KERAS_NORMALIZATION.fullmatch(layer):
+        return "Normalization"
+    return "Dense" if layer == "predictions" else None
+
+
+def _unnamed_counts(state, classes) -> dict[str, int]:
+    """How many layers of each class a Keras 3 file that names no layer holds."""
+    found: dict[str, set[str]] = {c: set() for c in classes}
+    for key in state:
+        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
+        if m and m[1] in found:
+            found[m[1]].add(m[0])
+    return {c: len(v) for c, v in found.items()}
+
+
+def _keras_state(state, arch) -> dict[str, np.ndarray]:
+    """Keras' layer and weight names for every array, by Keras' numbering where the file
+    names no layer (refused where the counts show another layout: the order would lie)."""
+    order = keras_layer_order(arch)
+    counts = _unnamed_counts(state, order)
+    if any(counts.values()):
+        want = {c: len(order[c]) for c in order}
+        if not counts["dense"]:
+            want["dense"] = 0  # a file without the top
+        if counts != want:
+            raise CheckpointMismatchError(
+                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
+                f"names them by their order in the model, which needs the file's layout: it "
+                f"holds {counts} layers, this model {want}; build the model the file was "
+                "saved from (tf_efficientnet_b<i>), or save the file again with a recent Keras"
+            )
+    return keras.name_vars(keras.by_order(state, order), _keras_kind)
+
+
+def keras_module(layer: str, *, repeats) -> str | None:
+    """tlflax module of a keras.applications EfficientNet layer, else None."""
+    if layer in _KERAS_TOP:
+        return _KERAS_TOP[layer]
+    m = _KERAS_BLOCK.fullmatch(layer)
+    if not m or m[3] not in _KERAS_PARTS:
+        return None
+    s, j = int(m[1]), ord(m[2]) - 96
+    if not (1 <= s <= len(repeats) and j <= repeats[s - 1]):
+        return None
+    return f"backbone/stage{s}/block{j}/{_KERAS_PARTS[m[3]]}"
+
+
+def keras_repeats(state) -> tuple[int, ...] | None:
+    """Blocks per stage of a Keras file, from its layer names (None where it names none)."""
+    last: dict[int, int] = {}
+    for key in state:
+        m = _KERAS_BLOCK.match(key)
+        if m:
+            last[int(m[1])] = max(last.get(int(m[1]), 0), ord(m[2]) - 96)
+    if not last:
+        return None
+    return tuple(last.get(s, 0) for s in range(1, max(last) + 1))
+
+
+def _variant_of(repeats, stem: int | None) -> str | None:
+    """The tf_efficientnet_b<i> of these repeats and stem width, if one is."""
+    for name, (variant, *_) in efficientnet.VARIANTS.items():
+        if not name.startswith("tf_"):
+            continue
+        arch = {**efficientnet.DEFAULTS, **variant}
+        layout = efficientnet.block_layout(arch)
+        if tuple(map(len, layout)) == tuple(repeats) and stem in (None, layout[0][0].in_channels):
+            return name
+    return None
+
+
+def check_keras_model(state, spec) -> None:
+    """Keras' weights into a model that computes otherwise, or of another depth: refused in
+    one line naming the model (or the overrides) that fits the file."""
+    arch = spec.arch
+    found = keras_repeats(state)
+    stem = state.get("stem_conv/kernel")
+    stem = np.shape(stem)[-1] if np.ndim(stem) == 4 else None
+    if found is not None and found != tuple(arch["repeats"]):
+        fits = _variant_of(found, stem)
+        hint = f"use model {fits}" if fits else "build the model the file was saved from"
+        raise CheckpointMismatchError(
+            f"the Keras EfficientNet file has {found} blocks per stage"
+            f"{f' (keras.applications EfficientNetB{fits[-1]})' if fits else ''}; model "
+            f"{spec.name!r} has {tuple(arch['repeats'])}: {hint}"
+        )
+    need = {k: v for k, v in KERAS_OPTIONS.items() if arch[k] != v}
+    if not need:
+        return
+    has = ", ".join(f"{k}={arch[k]!r}" for k in need)
+    tf_name = f"tf_{spec.name}" if spec.name.startswith("efficientnet_b") else None
+    given = ", ".join(f"{k}={v!r}" for k, v in need.items())
+    use = f"use model {tf_name!r} (the same network with Keras' numerics), or " if tf_name else ""
+    raise ConfigError(
+        f"weights are keras.applications' EfficientNet, computed with TF 'same' padding and "
+        f"BatchNorm epsilon 1e-3; model {spec.name!r} has {has}: {use}give the overrides "
+        f"{given} (--config.model.overrides, or c.model.overrides.update({given}))"
+    )
+
+
+def _convert_keras(state, spec) -> Converted:
+    state = _keras_state(state, spec.arch)
+    check_keras_model(state, spec)
+    repeats = tuple(spec.arch["repeats"])
+    variables: dict[str, np.ndarray] = {}
+    ignored: dict[str, str] = {}
+    for key, value in state.items():
+        value = np.asarray(value)
+        layer, _, leaf = key.removesuffix(":0").rpartition("/")
+        if _KERAS_NORMALIZATION.fullmatch(layer.rsplit("/", 1)[-1]):
+            ignored[key] = _KERAS_IGNORED
+            continue
+        module = keras_module(layer, repeats=repeats)
+        if module and leaf == "kernel" and module.endswith("dw_conv"):
+            leaf = "depthwise_kernel"  # Keras 3's name for it (by its path: 'kernel')
+        rule = module and _KERAS_LEAVES.get(leaf)
+        name = rule and f"{rule[0]}/{module}/{rule[1]}"
+        if not rule or name in variables:
+            variables[UNEXPECTED_PREFIX + key] = value
+            continue
+        if "/se/" in module and leaf == "kernel":
+            value = _keras_kernel_1x1(value)
+        variables[name] = rule[2](value) if rule[2] else value
+    return Converted(variables, "keras", ignored)
+
+
+# Keras' weights='imagenet' Normalization holds ImageNet's std as its variance (tensorflow
+# issue 49930), and Keras then divides by sqrt(std) once more (a Rescaling layer).
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_EPSILON = 1e-7  # keras.backend.epsilon(): Normalization divides by max(sqrt(var), this)
+
+
+def keras_preprocessing(checkpoint, spec) -> pp.Preprocessing:
+    """The normalisation a Keras EfficientNet file's model computes inside (keras.applications'
+    preprocess_input is the identity), as tlflax's mean / std in 0..255 pixel units, at the
+    model's resolution (spec.preprocessing: Keras' default_size for b0..b7).
+
+    The model's first layers map pixels x to Rescaling(1/255) -> Normalization(mean, var):
+    (y - mean) / sqrt(var) -> with weights='imagenet' a Rescaling by 1 / sqrt(std): the
+    composition is affine per channel, a x + b, i.e. mean -b/a and std 1/a.
+      - A file with the model's config (.keras; .h5 from model.save) says which layers there
+        are, and their options: that chain, exactly as the saved model computes it.
+      - A file of weights alone (.weights.h5; .h5 from save_weights; keras.applications'
+        own files, keras:efficientnetb<i>) gives only the Normalization's mean / variance:
+        Rescaling(1/255) (always there), then the compensating Rescaling where the variance
+        is ImageNet's std (0.229, 0.224, 0.225, to 1e-6): the values weights='imagenet'
+        puts there, in which case Keras adds it. That gives ImageNet's mean / std for
+        keras.applications' files, what the weights were trained with. (A model built with
+        weights=None and given those values by load_weights computes without the
+        compensation: save it whole, .keras, for its exact chain.)
+    """
+    path = checkpoint.files[0]
+    layers = keras.read_layers(path)
+    config = _keras_config(path)
+    steps = _config_chain(config, layers, path) if config else _weights_chain(layers, path)
+    a, b = np.ones(3), np.zeros(3)
+    for _, scale, offset in steps:
+        a, b = a * scale, b * scale + offset
+    if not np.all(a > 0):
+        raise ConfigError(f"{path}: the model's input normalisation scales by {a}, not > 0")
+    mean, std = tuple(float(v) + 0.0 for v in -b / a), tuple(float(v) for v in 1 / a)
+    chain = " -> ".join(kind for kind, *_ in steps)
+    return dataclasses.replace(
+        spec.preprocessing,
+        mean=mean,
+        std=std,
+        source=f"{checkpoint.source} (Keras efficientnet, in the model: {chain})",
+    )
+
+
+def _keras_config(path) -> dict | None:
+    """The model's config saved with the weights (.keras: config.json; model.save's .h5:
+    model_config), or None."""
+    import h5py
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = set(zf.namelist())
+                return json.loads(zf.read("config.json")) if "config.json" in names else None
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+        if raw is None:
+            return None
+        return json.loads(raw.decode("utf8") if isinstance(raw, bytes) else str(raw))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise CorruptCheckpointError(f"{path}: its model config cannot be read ({e})") from e
+
+
+def _flat_layers(model_config: dict):
+    """A model config's layers in model order, nested models' layers in their place."""
+    for layer in (model_config.get("config") or {}).get("layers") or ():
+        if isinstance(layer, dict) and (layer.get("config") or {}).get("layers"):
+            yield from _flat_layers(layer)
+        elif isinstance(layer, dict):
+            yield layer
+
+
+def _config_value(value, path):
+    """A Rescaling's scale / offset as saved: a number, a list, or a serialised array."""
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("value", value)
+    try:
+        return np.broadcast_to(np.asarray(value, np.float64), (3,))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: a Rescaling scale / offset not understood: {value!r}") from e
+
+
+def _normalization_step(options: dict, arrays: dict | None, path) -> tuple:
+    """('Normalization', 1 / sqrt(var), -mean / sqrt(var)) from the config's mean / variance
+    where given, else the layer's arrays."""
+    if options.get("invert"):
+        raise ConfigError(f"{path}: a Normalization with invert=True; not an input normalisation")
+    if options.get("mean") is not None and options.get("variance") is not None:
+        mean, var = options["mean"], options["variance"]
+    elif arrays and "mean" in arrays and "variance" in arrays:
+        mean, var = arrays["mean"], arrays["variance"]
+    else:
+        raise CheckpointMismatchError(
+            f"{path}: the Normalization layer's mean / variance are neither in its config nor "
+            "in the file"
+        )
+    try:
+        mean = np.broadcast_to(np.asarray(mean, np.float64).reshape(-1), (3,))
+        var = np.broadcast_to(np.asarray(var, np.float64).reshape(-1), (3,))
+    except ValueError as e:
+        raise CheckpointMismatchError(
+            f"{path}: a Normalization of {np.size(mean)} values, not 3 (RGB channels)"
+        ) from e
+    inv = 1 / np.maximum(np.sqrt(var), _EPSILON)
+    return "Normalization", inv, -mean * inv
+
+
+def _arrays_by_name(layers) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    for layer in layers:
+        names = layer.weight_names() or ()
+        out[layer.path[-1]] = dict(zip(names, layer.arrays, strict=False))
+    return out
+
+
+def _config_chain(config: dict, layers, path) -> list[tuple]:
+    """The Rescaling / Normalization layers before the model's first other layer."""
+    arrays = _arrays_by_name(layers)
+    steps = []
+    for layer in _flat_layers(config):
+        kind, options = layer.get("class_name"), layer.get("config") or {}
+        name = options.get("name") or layer.get("name")
+        if kind == "InputLayer":
+            continue
+        if kind == "Rescaling":
+            scale = _config_value(options.get("scale", 1.0), path)
+            steps.append(("Rescaling", scale, _config_value(options.get("offset", 0.0), path)))
+        elif kind == "Normalization":
+            steps.append(_normalization_step(options, arrays.get(name), path))
+        else:
+            break
+    if not any(kind == "Normalization" for kind, *_ in steps):
+        raise ConfigError(
+            f"{path}: the saved model does not start with keras.applications EfficientNet's "
+            f"Rescaling + Normalization layers ({[s[0] for s in steps]}); say which "
+            "normalisation its weights need: weights.preprocessing='imagenet' | ..."
+        )
+    return steps
+
+
+def _weights_chain(layers, path) -> list[tuple]:
+    """Rescaling(1/255), the file's Normalization, and Keras' compensation where the
+    variance is ImageNet's std (keras_preprocessing's docstring)."""
+    found = [
+        layer
+        for layer in layers
+        if layer.kind == "Normalization"
+        or _KERAS_NORMALIZATION.fullmatch(layer.path[-1].rsplit("/", 1)[-1])
+    ]
+    if len(found) != 1:
+        raise ConfigError(
+            f"{path}: {len(found)} Normalization layers, where keras.applications' EfficientNet "
+            "has one (its input normalisation); say which normalisation the weights need: "
+            "weights.preprocessing='imagenet' | 'minus_one_to_one' | ..."
+        )
+    arrays = dict(zip(keras.weight_names("Normalization", len(found[0].arrays)),
+                      found[0].arrays, strict=True))  # fmt: skip
+    steps = [("Rescaling", np.full(3, 1 / 255), np.zeros(3))]
+    steps.append(_normalization_step({}, arrays, path))
+    var = np.asarray(arrays["variance"], np.float64).reshape(-1)
+    if var.shape == (3,) and np.allclose(var, _IMAGENET_STD, rtol=0, atol=1e-6):
+        compensation = np.array([1 / math.sqrt(s) for s in _IMAGENET_STD])
+        steps.append(("Rescaling (weights='imagenet')", compensation, np.zeros(3)))
+    return steps
+
+
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """An EfficientNet checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
@@ -178,6 +592,8 @@ def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
             f"convert_efficientnet got a {spec.family!r} model ({spec.name}); use its own"
         )
     scheme = detect_scheme(state)
+    if scheme == "keras":
+        return _convert_keras(state, spec)
     stripped = {_strip(k): k for k in state}
     if len(stripped) != len(state):
         raise ConfigError("checkpoint names repeat once 'module.' is removed; save it unwrapped")

@@ -19,12 +19,14 @@ download that cannot happen is an error that says what was looked for and how to
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -75,6 +77,27 @@ def _keras_mobilenet_v2(alpha: float, rows: int, top: bool) -> KerasFile:
     return KerasFile(models, name, f"{_KERAS_URL}mobilenet_v2/{name}", None)
 
 
+_KERAS_EFFICIENTNET_URL = "https://storage.googleapis.com/keras-applications/"
+# keras.applications.EfficientNetB<i>: md5 of (with top, without), as Keras pins them
+_KERAS_EFFICIENTNET_HASHES = {
+    0: ("902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d"),
+    1: ("1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432"),
+    2: ("b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39"),
+    3: ("ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226"),
+    4: ("18c95ad55216b8f92d7e70b3a046e2fc", "ebc24e6d6c33eaebbd558eafbeedf1ba"),
+    5: ("ace28f2a6363774853a83a0b21b9421a", "38879255a25d3c92d5e44e04ae6cec6f"),
+    6: ("165f6e37dce68623721b423839de8be5", "9ecce42647a20130c1f39a5d4cb75743"),
+    7: ("8c03f828fec3ef71311cd463b6759d99", "cbcfe4450ddf6f3ad90b1b398090fe4a"),
+}
+
+
+def _keras_efficientnet(i: int, top: bool) -> KerasFile:
+    """keras.applications.EfficientNetB<i>: efficientnetb<i>[_notop].h5 (weights alone)."""
+    name = f"efficientnetb{i}{'' if top else '_notop'}.h5"
+    file_hash = _KERAS_EFFICIENTNET_HASHES[i][0 if top else 1]
+    return KerasFile((f"tf_efficientnet_b{i}",), name, _KERAS_EFFICIENTNET_URL + name, file_hash)
+
+
 # 'keras:NAME' sources: keras.applications' file names, URLs and hashes (keras/src/applications).
 KERAS_FILES = {
     "vgg16": _keras_vgg(16, True, "64373286793e3c8b2b4e3219cbf3544b"),
@@ -101,6 +124,11 @@ KERAS_FILES = {
         )
         for alpha in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
         for rows in (96, 128, 160, 192, 224)
+        for top in (True, False)
+    },
+    **{
+        f"efficientnetb{i}{'' if top else '_notop'}": _keras_efficientnet(i, top)
+        for i in range(8)
         for top in (True, False)
     },
 }
@@ -140,6 +168,7 @@ SUGGESTED = {
             f"timm:tf_efficientnet_b{i}.ns_jft_in1k",
             f"timm:tf_efficientnet_b{i}.aa_in1k",
             f"hf:google/efficientnet-b{i}",
+            f"keras:efficientnetb{i}",
         )
         for i in range(8)
     },
@@ -436,11 +465,22 @@ def _hub_missing_message(source, repo, cache_dir, error) -> str:
 def _keras_file(source: str) -> KerasFile:
     name = source.split(":", 1)[1]
     if name not in KERAS_FILES:
+        close = difflib.get_close_matches(name, list(KERAS_FILES), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join('keras:' + c for c in close)}? " if close else ""
         raise ConfigError(
-            f"unknown Keras weights {source!r}; known: "
-            f"{', '.join('keras:' + k for k in KERAS_FILES)}"
+            f"unknown Keras weights {source!r}; {hint}known: {_keras_names_in_short()}"
         )
     return KERAS_FILES[name]
+
+
+def _keras_names_in_short() -> str:
+    """KERAS_FILES' names, each family's numbered variants as one pattern."""
+    patterns = {
+        re.sub(r"_\d\.\d\d_\d+$", "_<alpha>_<rows>", re.sub(r"b\d$", "b<0-7>", n))
+        for n in KERAS_FILES
+        if not n.endswith("_notop")
+    }
+    return ", ".join("keras:" + p for p in sorted(patterns)) + " (each also _notop)"
 
 
 def keras_cache_dirs() -> list[pathlib.Path]:
