@@ -13,7 +13,7 @@ from tlflax import config_lib, experiment
 from tlflax.data import build_datasets
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("[!_]*.py"))
-ARGS = {"folder.py": "path=/data/photos"}
+ARGS = {"folder.py": "path=/data/photos", "vgg16_produce.py": "path=/data/produce"}
 
 
 def load(path: pathlib.Path, arg):
@@ -24,7 +24,7 @@ def load(path: pathlib.Path, arg):
 
 
 def test_there_are_configs():
-    assert {p.name for p in CONFIGS} >= {"demo.py", "folder.py", "resnet50_flowers102.py"}
+    assert {p.name for p in CONFIGS} >= {"demo.py", "folder.py", "flowers102.py"}
 
 
 @pytest.mark.parametrize("runlocal", [False, True])
