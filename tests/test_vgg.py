@@ -1,13 +1,16 @@
 """VGG: logits parity with torchvision and timm (random weights), names, poolings, loud loads."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
+import refs
 import timm
 import torch
 import torchvision
 
-from tlflax import optim, tree
+from tlflax import tree
 from tlflax.models import create_model, vgg
 from tlflax.weights import CheckpointMismatchError, convert_vgg, merge_variables
 from tlflax.weights.merge import LoadReport
@@ -30,17 +33,7 @@ def _torchvision(*, batch_norm: bool, num_classes: int = 5, seed: int = 0):
         torch.nn.Linear(w, w), torch.nn.ReLU(True), torch.nn.Dropout(),
         torch.nn.Linear(w, num_classes),
     )  # fmt: skip
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0, 0.2)
-                m.bias.normal_(0, 0.1)
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.3)
-                m.bias.normal_(0.0, 0.3)
-                m.running_mean.normal_(0.0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return refs.randomised(model, seed=None, linear=refs.normal_init(0.2, 0.1))
 
 
 def _load(spec, state, *, reinit=()):
@@ -50,15 +43,6 @@ def _load(spec, state, *, reinit=()):
     return merge_variables(converted, shapes, reinit=reinit)
 
 
-def _images(size, batch=2, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _torch(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-
-
 @pytest.mark.parametrize("batch_norm", [False, True])
 @pytest.mark.parametrize("size", [64, 224])  # 2x2 -> 7x7 adaptive pool; 7x7, the identity
 def test_logits_match_torchvision(batch_norm, size):
@@ -66,9 +50,9 @@ def test_logits_match_torchvision(batch_norm, size):
     spec = create_model("vgg_tiny", num_classes=5, **TINY, batch_norm=batch_norm)
     variables, report = _load(spec, ref.state_dict())
     assert report.scheme == "torchvision" and not report.reinitialised
-    x = _images(size)
+    x = refs.images(size)
     ours = np.asarray(jax.jit(spec.module.apply)(variables, x))
-    np.testing.assert_allclose(ours, _torch(ref, x), atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours, refs.torch_logits(ref, x), atol=TOL, rtol=0)
 
 
 def test_logits_match_timm_whose_fc_layers_are_convs():
@@ -85,9 +69,9 @@ def test_logits_match_timm_whose_fc_layers_are_convs():
                         batch_norm=False)  # fmt: skip
     variables, report = _load(spec, ref.state_dict())
     assert report.scheme == "timm"
-    x = _images(224, batch=1)
+    x = refs.images(224, batch=1)
     ours = np.asarray(jax.jit(spec.module.apply)(variables, x))
-    np.testing.assert_allclose(ours, _torch(ref, x), atol=TOL, rtol=1e-4)
+    np.testing.assert_allclose(ours, refs.torch_logits(ref, x), atol=TOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["vgg11", "vgg16", "vgg19_bn"])  # every depth rule, BN
@@ -112,10 +96,8 @@ def test_the_keras_recipes_poolings_read_the_last_map(pooling):
     spec = create_model("vgg_tiny", num_classes=5, **TINY, pooling=pooling)
     variables, report = _load(spec, ref.state_dict(), reinit=("head/.*",))
     assert any("no fc layers" in why for why in report.ignored.values())
-    x = _images(64)
-    with torch.no_grad():
-        fmap = ref.features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    fmap = fmap.transpose(0, 2, 3, 1)  # NHWC, 2 x 2 x 16
+    x = refs.images(64)
+    fmap = refs.torch_forward(ref.features, x).numpy().transpose(0, 2, 3, 1)  # NHWC, 2 x 2 x 16
     want = fmap.mean(axis=(1, 2)) if pooling == "avg" else fmap.reshape(2, -1)
     feats = spec.module.apply(variables, x, method=spec.module.features)
     np.testing.assert_allclose(np.asarray(feats), want, atol=1e-5)
@@ -132,13 +114,7 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
     assert stages["head/out/kernel"] == spec.n_stages == 6
     layers = sorted({spec.layer_of(n) for n in tree.names(params)})
     assert layers == list(range(spec.n_layers + 1))  # 5 convs, fc1, fc2, the head
-    from tlflax import config_lib
-
-    config = config_lib.get_base_config()
-    config.optim.update({"strategy": "last_k", "k": 2})
-    (phase,) = optim.make_phases(config.optim, train_config=config.train, params=params,
-                                 spec=spec, steps_per_epoch=1)  # fmt: skip
-    trainable = tree.flatten(phase.trainable)
+    trainable = refs.last_k_trainable(spec, params, 2)
     assert trainable["backbone/fc1/kernel"] and trainable["backbone/stage5/conv1/kernel"]
     assert not trainable["backbone/stage4/conv1/kernel"]
     with pytest.raises(ValueError, match="no parameter"):
@@ -148,14 +124,11 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
 def test_a_checkpoint_that_does_not_fit_is_listed():
     ref = _torchvision(batch_norm=False).state_dict()
     spec = create_model("vgg_tiny", num_classes=5, **TINY, batch_norm=False)
-    cases = {
-        "missing": {k: v for k, v in ref.items() if k != "features.0.bias"},
-        "unexpected": {**ref, "features.99.weight": torch.zeros(3)},
-        "shape mismatch": {**ref, "features.0.weight": torch.zeros(4, 3, 5, 5)},
-    }
-    for what, state in cases.items():
-        with pytest.raises(CheckpointMismatchError, match=what):
-            _load(spec, state)
+    refs.assert_misfits_named(
+        functools.partial(_load, spec), ref, missing="features.0.bias",
+        unexpected={"features.99.weight": torch.zeros(3)},
+        misshapen={"features.0.weight": torch.zeros(4, 3, 5, 5)},
+    )  # fmt: skip
     with pytest.raises(CheckpointMismatchError, match="missing"):  # a BatchNorm model
         _load(create_model("vgg_tiny", num_classes=5, **TINY, batch_norm=True), ref)
     from tlflax.errors import ConfigError
@@ -182,28 +155,19 @@ def test_a_torchvision_pth_trains_as_an_lp_ft_run(tmp_path, pooling):
     """A .pth of torchvision's VGG as weights.source: ImageNet's normalisation (the family's
     convention), the backbone from the file, a head sized by the features at the run's
     resolution (flatten: 2 x 2 x 16 at 64 px), a cached probe, then fine-tuning."""
-    import json
-
-    from tlflax import config_lib, train
+    from tlflax import train
 
     ref = _torchvision(batch_norm=True)
-    pth = tmp_path / "vgg_tiny.pth"
-    torch.save(ref.state_dict(), pth)
-    config = config_lib.get_base_config()
-    config.update_from_flattened_dict({
-        "model.name": "vgg_tiny", "data.source": "digits", "data.val_fraction": 0.1,
-        "data.image_size": 64, "data.batch_size": 16, "weights.source": str(pth),
+    config = refs.pth_run_config(tmp_path, ref, "vgg_tiny", image_size=64, settings={
         "optim.strategy": "two_phase", "optim.probe": "cached", "optim.probe_steps": 2,
-        "optim.finetune_steps": 2, "train.log_every": 1,
+        "optim.finetune_steps": 2,
     })  # fmt: skip
     config.model.overrides = {**TINY, "batch_norm": True, "pooling": pooling}
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["steps"] == 4 and [p["strategy"] for p in summary["phases"]][0] == "linear_probe"
-    prep = json.loads((tmp_path / "run/preprocessing.json").read_text())
+    prep = refs.run_preprocessing(tmp_path / "run")
     assert prep["mean"][0] == pytest.approx(0.485 * 255) and "imagenet convention" in prep["source"]
-    import orbax.checkpoint as ocp
-
-    restored = ocp.StandardCheckpointer().restore(tmp_path / "run/checkpoints/2/state")
+    restored = refs.restored_state(tmp_path / "run", 2)
     kernel = np.asarray(restored["params"]["backbone"]["stage1"]["conv1"]["kernel"])
     np.testing.assert_array_equal(
         kernel, ref.features[0].weight.detach().numpy().transpose(2, 3, 1, 0)

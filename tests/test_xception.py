@@ -2,16 +2,18 @@
 weights, BatchNorm statistics too), the pooling rules where they differ, names and shapes of
 the full-size timm state dict, depth maps, loud loads, and a run from a .pth."""
 
+import functools
 import importlib
 
 import jax
 import numpy as np
 import pytest
+import refs
 import timm
 import torch
 
-from tlflax import optim, tree
 from tlflax import preprocessing as pp
+from tlflax import tree
 from tlflax.errors import ConfigError
 from tlflax.models import create_model, xception
 from tlflax.weights import (
@@ -20,7 +22,6 @@ from tlflax.weights import (
     convert_xception,
     load_pretrained,
     merge_variables,
-    sources,
 )
 
 TOL = 1e-4  # fp32, max |logits diff|
@@ -32,21 +33,13 @@ WIDTHS = xception.ARCHS["xception_tiny"]["widths"]
 TIMM_NUMERICS = {"pool_padding": "symmetric", "bn_eps": 1e-5}  # timm's legacy_xception
 
 
-def _randomise(model: torch.nn.Module, *, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)  # O(1) activations
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.normal_(1.0, 0.3, generator=g)
-                m.bias.normal_(0.0, 0.3, generator=g)
-                m.running_mean.normal_(0.0, 0.5, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-            if isinstance(m, torch.nn.Linear):
-                m.weight.normal_(0.0, 0.2, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
-    return model.eval()
+def _unit_fan_in(m: torch.nn.Module, g: torch.Generator):
+    m.weight.normal_(0.0, m.weight[0].numel() ** -0.5, generator=g)  # O(1) activations
+
+
+_randomise = functools.partial(
+    refs.randomised, conv=_unit_fan_in, linear=refs.normal_init(0.2, 0.1)
+)
 
 
 def _timm_tiny(*, middle_blocks: int = 1, num_classes: int = 5, seed: int = 0):
@@ -78,23 +71,10 @@ def _timm_tiny(*, middle_blocks: int = 1, num_classes: int = 5, seed: int = 0):
     return _randomise(model, seed=seed)
 
 
-def _state(model: torch.nn.Module) -> dict:
-    return {k: t.detach().numpy() for k, t in model.state_dict().items()}
-
-
 def _load(spec, state, *, reinit=()):
     shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0), 64))
     converted = convert_xception.convert(state, spec=spec, shapes=None)
     return merge_variables(converted, shapes, reinit=reinit)
-
-
-def _images(size, batch=2, seed=0):
-    return np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)
-
-
-def _torch(model, x):
-    with torch.no_grad():
-        return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +87,10 @@ def timm_tiny():
 @pytest.mark.parametrize("size", [71, 101])
 def test_logits_match_timms_legacy_xception_and_its_pooling_differs_on_even_sides(timm_tiny, size):
     spec = create_model("xception_tiny", num_classes=5, **TIMM_NUMERICS)
-    variables, report = _load(spec, _state(timm_tiny))
+    variables, report = _load(spec, refs.numpy_state(timm_tiny))
     assert report.scheme == "timm" and not report.reinitialised
-    x = _images(size)
-    want = _torch(timm_tiny, x)
+    x = refs.images(size)
+    want = refs.torch_logits(timm_tiny, x)
     np.testing.assert_allclose(np.asarray(jax.jit(spec.module.apply)(variables, x)), want,
                                atol=TOL, rtol=0)  # fmt: skip
     keras_pools = create_model("xception_tiny", num_classes=5, bn_eps=1e-5)
@@ -118,19 +98,12 @@ def test_logits_match_timms_legacy_xception_and_its_pooling_differs_on_even_side
     assert (diff <= TOL) == (size == 71), diff  # 'same' is timm's rule on odd sides only
 
 
-def _keras():
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip(f"keras runs on {keras.backend.backend()}; this test calls it under jax.jit")
-    return keras
-
-
 def _keras_narrow(*, divisor: int):
     """keras.applications.Xception's own graph, every conv's filters divided by `divisor`
     (its `layers` module seen through a proxy), at 8 middle blocks, on the JAX backend
     (tests/conftest.py); random kernels and BatchNorm statistics. Glorot's init is zeros
     meanwhile (one XLA program per shape: 13 s of CPU), since every value is replaced."""
-    keras = _keras()
+    keras = refs.keras_on_jax()
     from keras.src.applications import xception as keras_xception
 
     class Narrow:
@@ -143,37 +116,12 @@ def _keras_narrow(*, divisor: int):
         def SeparableConv2D(self, filters, *args, **kwargs):  # noqa: N802
             return keras.layers.SeparableConv2D(filters // divisor, *args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as mp:
+    with refs.keras_zero_init() as mp:
         mp.setattr(keras_xception, "layers", Narrow())
-        mp.setattr(keras.initializers.GlorotUniform, "__call__",
-                   lambda self, shape, dtype=None: keras.ops.zeros(shape, dtype))  # fmt: skip
         keras.utils.clear_session()  # the shortcuts' names restart at conv2d, batch_normalization
         model = keras_xception.Xception(weights=None, input_shape=(101, 101, 3), classes=5,
                                         classifier_activation=None)  # fmt: skip
-    rng = np.random.default_rng(0)
-    draws = {"gamma": lambda s: rng.normal(1.0, 0.3, s), "beta": lambda s: rng.normal(0, 0.3, s),
-             "moving_mean": lambda s: rng.normal(0, 0.5, s),
-             "moving_variance": lambda s: rng.uniform(0.5, 2.0, s),
-             "bias": lambda s: rng.normal(0, 0.1, s)}  # fmt: skip
-    for var in model.weights:
-        shape = tuple(var.shape)
-        draw = draws.get(var.path.rsplit("/", 1)[1])
-        fan_in = 9 if var.path.endswith("depthwise_kernel") else np.prod(shape[:-1])
-        value = draw(shape) if draw else rng.normal(0, fan_in**-0.5, shape)  # O(1) activations
-        var.assign(value.astype(np.float32))
-    return model
-
-
-def _strip_layer_names(src, dst):
-    """A Keras 3 .weights.h5 as Keras wrote it before layer names were stored."""
-    import shutil
-
-    import h5py
-
-    shutil.copy(src, dst)
-    with h5py.File(dst, "r+") as f:
-        f.visititems(lambda name, obj: obj.attrs.__delitem__("name") if "name" in obj.attrs
-                     else None)  # fmt: skip
+    return refs.keras_randomised(model, seed=0)
 
 
 KERAS_WIDTHS = tuple(w // 16 for w in xception.DEFAULTS["widths"])
@@ -185,21 +133,11 @@ def keras_ref(tmp_path_factory):
     matters), its logits, its files (.weights.h5, .keras, Keras 2 .h5, a .weights.h5 naming
     no layer, the no-top .h5 of its backbone), and tlflax's 'xception' at those widths (the
     name keras:xception fits), compiled once."""
-    keras = _keras()
     ref = _keras_narrow(divisor=16)
     folder = tmp_path_factory.mktemp("keras_xception")
-    files = {fmt: folder / f"xception{fmt}" for fmt in (".weights.h5", ".keras", ".h5")}
-    ref.save_weights(files[".weights.h5"])
-    ref.save(files[".keras"])
-    ref.save(files[".h5"])  # Keras 3 still writes Keras 2's layout
-    files["unnamed"] = folder / "unnamed.weights.h5"
-    _strip_layer_names(files[".weights.h5"], files["unnamed"])
-    files["notop"] = folder / "xception_notop.h5"
-    keras.Model(ref.input, ref.get_layer("block14_sepconv2_act").output).save(files["notop"])
-    trainable = [v.value for v in ref.trainable_variables]
-    frozen = [v.value for v in ref.non_trainable_variables]
-    keras_fn = jax.jit(lambda x: ref.stateless_call(trainable, frozen, x, training=False)[0])
-    x = _images(101)
+    files = refs.save_keras_files(ref, folder, "xception", top_end="block14_sepconv2_act")
+    keras_fn = refs.keras_logits_fn(ref)
+    x = refs.images(101)
     spec = create_model("xception", num_classes=5, widths=KERAS_WIDTHS)
     return {"model": ref, "keras_fn": keras_fn, "files": files, "x": x,
             "want": np.asarray(keras_fn(x)), "spec": spec,
@@ -236,24 +174,6 @@ def test_logits_match_keras_xception_in_every_file_format(keras_ref, fmt):
     np.testing.assert_allclose(ours, k["want"], atol=TOL, rtol=0)
 
 
-def _in_keras_cache(monkeypatch, tmp_path, file, name: str):
-    """`file` where keras.applications keeps KERAS_FILES[name] ($KERAS_HOME/models)."""
-    import shutil
-
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    cached = tmp_path / "models" / sources.KERAS_FILES[name].filename
-    cached.parent.mkdir(exist_ok=True)
-    shutil.copy(file, cached)
-
-
-def _pictures(n: int, size: int) -> np.ndarray:
-    """uint8 images: smooth gradients and noise, each channel unlike the others."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    rng = np.random.default_rng(0)
-    smooth = np.stack([200 * xx, 255 * yy * (1 - xx), 90 + 60 * np.sin(9 * xx * yy)], -1)
-    return np.clip(smooth + rng.normal(0, 12, (n, size, size, 3)), 0, 255).astype(np.uint8)
-
-
 @pytest.mark.slow  # the Keras model of the fixture
 def test_keras_source_and_preprocess_input_end_to_end(keras_ref, tmp_path, monkeypatch):
     """keras:xception from a temporary Keras cache: Keras's xception.preprocess_input of
@@ -261,14 +181,14 @@ def test_keras_source_and_preprocess_input_end_to_end(keras_ref, tmp_path, monke
     then the converted model."""
     from tlflax.data import augment
 
-    keras = _keras()
-    _in_keras_cache(monkeypatch, tmp_path, keras_ref["files"][".h5"], "xception")
+    keras = refs.keras_on_jax()
+    refs.in_keras_cache(monkeypatch, tmp_path, keras_ref["files"][".h5"], "xception")
     spec = keras_ref["spec"]
     loaded = load_pretrained(spec, "keras:xception", variables=keras_ref["shapes"], reinit=())
     prep = loaded.preprocessing
     assert (prep.mean, prep.std, prep.resolution) == ((127.5,) * 3, (127.5,) * 3, 299)
     assert "Keras xception" in prep.source
-    images = _pictures(2, 101)
+    images = refs.pictures(2, 101)
     pixels = keras.applications.xception.preprocess_input(images.astype("float32"))
     want = np.asarray(keras_ref["keras_fn"](pixels))
     normalise = augment.make_eval_transform(image_size=101, preprocessing=prep)
@@ -282,7 +202,7 @@ def test_a_keras_notop_file_loads_with_the_head_new(keras_ref, tmp_path, monkeyp
     """keras:xception_notop: the backbone loads, the head is the run's own; where every
     variable must come from the file (predict --model) the head is missing, by name. A file
     naming no layer, of another depth: refused, not misplaced."""
-    _in_keras_cache(monkeypatch, tmp_path, keras_ref["files"]["notop"], "xception_notop")
+    refs.in_keras_cache(monkeypatch, tmp_path, keras_ref["files"]["notop"], "xception_notop")
     spec, shapes = keras_ref["spec"], keras_ref["shapes"]
     loaded = load_pretrained(spec, "keras:xception_notop", variables=shapes)
     n_arrays = len(keras_ref["model"].weights)
@@ -312,7 +232,7 @@ def test_parameter_names_and_shapes_are_timms_legacy_xception():
     """Pinned against timm's full-size state dict (shapes only: no forward pass): every array
     lands, nothing is left over; 36 conv layers in 14 blocks, 2048 features."""
     ref = timm.create_model("legacy_xception")
-    state = _state(ref)
+    state = refs.numpy_state(ref)
     spec = create_model("xception", num_classes=1000)
     shapes = jax.eval_shape(lambda: spec.init(jax.random.key(0), 299))
     variables, report = merge_variables(
@@ -349,13 +269,7 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
     assert layers["params/backbone/block2/shortcut/kernel"] == 2
     assert layers["params/backbone/block2/sepconv1/depthwise/kernel"] == 2
     assert layers["batch_stats/backbone/block5/sepconv3_bn/mean"] == 10
-    from tlflax import config_lib
-
-    config = config_lib.get_base_config()
-    config.optim.update({"strategy": "last_k", "k": 2})
-    (phase,) = optim.make_phases(config.optim, train_config=config.train, params=params,
-                                 spec=spec, steps_per_epoch=1)  # fmt: skip
-    trainable = tree.flatten(phase.trainable)
+    trainable = refs.last_k_trainable(spec, params, 2)
     assert trainable["backbone/block7/sepconv1/depthwise/kernel"] and trainable["head/out/bias"]
     assert trainable["backbone/block6/shortcut/kernel"]
     assert not trainable["backbone/block5/sepconv3/pointwise/kernel"]
@@ -370,19 +284,16 @@ def test_stages_and_layers_cover_every_parameter_and_last_k_takes_the_top():
 
 
 def test_a_checkpoint_that_does_not_fit_is_listed(timm_tiny, tmp_path):
-    state = _state(timm_tiny)
+    state = refs.numpy_state(timm_tiny)
     spec = create_model("xception_tiny", num_classes=5)
-    cases = {
-        "missing": {k: v for k, v in state.items() if k != "block2.rep.4.pointwise.weight"},
-        "unexpected": {**state, "block1.rep.2.weight": np.ones(8, np.float32)},  # a ReLU's
-        "shape mismatch": {**state, "block12.skip.weight": np.zeros((24, 8, 1, 1), np.float32)},
-    }
-    for what, bad in cases.items():
-        with pytest.raises(CheckpointMismatchError, match=what):
-            _load(spec, bad)
+    refs.assert_misfits_named(
+        functools.partial(_load, spec), state, missing="block2.rep.4.pointwise.weight",
+        unexpected={"block1.rep.2.weight": np.ones(8, np.float32)},  # a ReLU's
+        misshapen={"block12.skip.weight": np.zeros((24, 8, 1, 1), np.float32)},
+    )  # fmt: skip
     # Two middle blocks into a model of one: timm's block5 is left over.
     with pytest.raises(CheckpointMismatchError, match=r"block5\.rep"):
-        _load(spec, _state(_timm_tiny(middle_blocks=2)))
+        _load(spec, refs.numpy_state(_timm_tiny(middle_blocks=2)))
     with pytest.raises(ConfigError, match="not an Xception checkpoint"):
         convert_xception.convert({"features.0.weight": np.zeros(1)}, spec=spec, shapes=None)
     pth = tmp_path / "xception_tiny.pth"
@@ -415,32 +326,23 @@ def test_options_are_checked_and_a_too_small_image_is_refused():
 def test_a_timm_pth_trains_as_an_lp_ft_run(tmp_path, timm_tiny):
     """A .pth of timm's (narrowed) legacy Xception as weights.source: [-1, 1] inputs, the
     backbone from the file, a cached probe, then fine-tuning of the top blocks."""
-    import json
+    from tlflax import train
 
-    import orbax.checkpoint as ocp
-
-    from tlflax import config_lib, train
-
-    pth = tmp_path / "xception_tiny.pth"
-    torch.save(timm_tiny.state_dict(), pth)
-    config = config_lib.get_base_config()
-    config.update_from_flattened_dict({
-        "model.name": "xception_tiny", "data.source": "digits", "data.val_fraction": 0.1,
-        "data.image_size": 32, "data.batch_size": 16, "weights.source": str(pth),
+    config = refs.pth_run_config(tmp_path, timm_tiny, "xception_tiny", image_size=32, settings={
         "optim.strategy": "two_phase",
         "optim.probe": "cached", "optim.probe_steps": 2, "optim.finetune_steps": 2,
-        "optim.finetune": "last_k", "optim.k": 2, "train.log_every": 1,
+        "optim.finetune": "last_k", "optim.k": 2,
     })  # fmt: skip
     config.model.overrides = dict(TIMM_NUMERICS)
     summary = train.train_and_evaluate(config, tmp_path / "run")
     assert summary["steps"] == 4 and summary["phases"][0]["strategy"] == "linear_probe"
     # A .pth carries no preprocessing: the family's convention, [-1, 1].
-    prep = json.loads((tmp_path / "run/preprocessing.json").read_text())
+    prep = refs.run_preprocessing(tmp_path / "run")
     assert prep["mean"] == [127.5] * 3 and prep["std"] == [127.5] * 3
     first = timm_tiny.block1.rep[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0)
     top = timm_tiny.conv4.pointwise.weight.detach().numpy().transpose(2, 3, 1, 0)
     for step, top_trained in ((2, False), (4, True)):  # after the probe; after last_k (k=2)
-        restored = ocp.StandardCheckpointer().restore(tmp_path / f"run/checkpoints/{step}/state")
+        restored = refs.restored_state(tmp_path / "run", step)
         backbone = restored["params"]["backbone"]
         np.testing.assert_array_equal(backbone["block2"]["sepconv1"]["depthwise"]["kernel"], first)
         assert np.array_equal(backbone["block7"]["sepconv2"]["pointwise"]["kernel"], top) != (

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -59,29 +58,22 @@ import jax
 import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
-from tlflax.errors import ConfigError
 from tlflax.models import common, layers
 from tlflax.models.efficientnet_lite import (
-    DEPTHWISE,
-    PADDINGS,
+    LITE_STAGES,
     BlockSpec,
     ConvBN,
     DepthwiseConv,
     LayerOptions,
+    depth_maps,
     drop_connect_rates,
     round_filters,
+    validated,
 )
 
-# The paper's B0 (efficientnet_builder.py): (repeats, kernel, stride, expand_ratio, out_channels)
-B0_STAGES = (
-    (1, 3, 1, 1, 16),
-    (2, 3, 2, 6, 24),
-    (2, 5, 2, 6, 40),
-    (3, 3, 2, 6, 80),
-    (3, 5, 1, 6, 112),
-    (4, 5, 2, 6, 192),
-    (1, 3, 1, 6, 320),
-)
+# The paper's B0 (efficientnet_builder.py): (repeats, kernel, stride, expand_ratio, out_channels),
+# the table Lite0 keeps (efficientnet_lite_builder.py)
+B0_STAGES = LITE_STAGES
 DEFAULTS = {
     "stages": B0_STAGES,
     "width_coefficient": 1.0,
@@ -239,111 +231,31 @@ class EfficientNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def _validated(arch: dict) -> dict:
-    try:
-        stages = tuple(tuple(int(v) for v in stage) for stage in arch["stages"])
-    except (TypeError, ValueError):
-        stages = ()
-    if not stages or any(len(s) != 5 or min(s) < 1 or s[2] > 2 or s[1] % 2 == 0 for s in stages):
-        raise ConfigError(
-            f"efficientnet: stages={arch['stages']!r}; give per stage (repeats, kernel, "
-            "stride, expand_ratio, out_channels), positive, odd kernel, stride 1 or 2"
-        )
-    ints = {k: arch[k] for k in ("depth_divisor", "stem_width", "head_width")}
-    if any(int(v) != v or v < 1 for v in ints.values()):
-        raise ConfigError(f"efficientnet: {ints} must be positive integers")
-    checks = {
-        "width_coefficient": arch["width_coefficient"] > 0,
-        "depth_coefficient": arch["depth_coefficient"] > 0,
-        "se_ratio": 0 <= arch["se_ratio"] <= 1,
-        "bn_eps": arch["bn_eps"] > 0,
-        "bn_momentum": 0 <= arch["bn_momentum"] < 1,
-        "drop_connect_rate": 0 <= arch["drop_connect_rate"] < 1,
-        "padding": arch["padding"] in PADDINGS,
-        "depthwise": arch["depthwise"] in DEPTHWISE,
-    }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(
-                f"efficientnet: {key}={arch[key]!r} is out of range (see the module docstring; "
-                f"padding: {PADDINGS}, depthwise: {DEPTHWISE}, se_ratio in [0, 1], rates in "
-                "[0, 1), others > 0)"
-            )
-    floats = ("width_coefficient", "depth_coefficient", "se_ratio", "bn_eps", "bn_momentum")
-    return {
-        **arch,
-        **{k: int(v) for k, v in ints.items()},
-        **{k: float(arch[k]) for k in (*floats, "drop_connect_rate")},
-        "stages": stages,
-    }
-
-
-_BLOCK_PATH = re.compile(r"backbone/stage(\d+)/block(\d+)/.+")
-
-
-def position(name: str, *, repeats: tuple[int, ...]) -> tuple[int, int]:
-    """(stage, layer) of a parameter name: stem (0, 0); block j of stage s (s, blocks before
-    + j); head_conv/head_bn (len + 1, sum + 1); head (len + 2, sum + 2). A leading
-    collection ('params/', 'batch_stats/') is allowed."""
-    path = re.sub(r"^(params|batch_stats)/", "", name)
-    n_stages, n_blocks = len(repeats), sum(repeats)
-    if path.startswith("head/"):
-        return n_stages + 2, n_blocks + 2
-    if path.startswith("backbone/stem/"):
-        return 0, 0
-    if path.startswith(("backbone/head_conv/", "backbone/head_bn/")):
-        return n_stages + 1, n_blocks + 1
-    m = _BLOCK_PATH.fullmatch(path)
-    if m:
-        stage, block = int(m[1]), int(m[2])
-        if 1 <= stage <= n_stages and 1 <= block <= repeats[stage - 1]:
-            return stage, sum(repeats[: stage - 1]) + block
-    raise ValueError(
-        f"efficientnet {repeats=}: no parameter {name!r}; names are 'backbone/stem/...', "
-        "'backbone/stage<s>/block<j>/...' (within repeats), 'backbone/head_conv/...', "
-        "'backbone/head_bn/...' or 'head/...'"
-    )
-
-
-def _stage_of(name: str, *, repeats) -> int:
-    return position(name, repeats=repeats)[0]
-
-
-def _layer_of(name: str, *, repeats) -> int:
-    return position(name, repeats=repeats)[1]
-
-
 def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
     """The registered builder: VARIANTS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("efficientnet", overrides, DEFAULTS)
     variant, resolution, classifier_dropout, crop_pct = VARIANTS[name]
-    arch = _validated({**DEFAULTS, **variant, **overrides})
+    arch = validated({**DEFAULTS, **variant, **overrides}, family="efficientnet")
     layout = block_layout(arch)
     repeats = tuple(len(blocks) for blocks in layout)
     width = functools.partial(
         round_filters, multiplier=arch["width_coefficient"], divisor=arch["depth_divisor"]
     )
     stem_width, head_width = width(arch["stem_width"]), width(arch["head_width"])
-    opts = LayerOptions(
-        arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype
-    )
     backbone = EfficientNet(
         layout=layout,
         stem_width=stem_width,
         head_width=head_width,
         se_ratio=arch["se_ratio"],
         drop_connect_rate=arch["drop_connect_rate"],
-        opts=opts,
+        opts=LayerOptions.of(arch, dtype),
     )
     return common.ModelSpec(
         name=name,
         family="efficientnet",
         module=common.Classifier(backbone=backbone, head=head),
         preprocessing=pp.imagenet(resolution, crop_pct, interpolation="bicubic"),
-        n_stages=len(repeats) + 2,
-        stage_of=functools.partial(_stage_of, repeats=repeats),
-        n_layers=sum(repeats) + 2,
-        layer_of=functools.partial(_layer_of, repeats=repeats),
+        **depth_maps(repeats, family="efficientnet"),
         feature_dim=head_width,
         arch={**arch, "repeats": repeats, "classifier_dropout": classifier_dropout},
     )

@@ -32,6 +32,9 @@ Options (`create_model(..., **overrides)`):
                      'auto' (default) = 'shift' on CPU, 'conv' elsewhere (DepthwiseConv)
 The reference's dropout before the classifier (0.2, 0.2, 0.3, 0.3, 0.3) is the head's
 dropout in tlflax (`head_dropout`); `spec.arch['classifier_dropout']` records it.
+
+tlflax.models.efficientnet and mobilenet_v2 build on this module: its layers, option checks
+(`validated`, `check_ranges`) and depth maps (`position`, `depth_maps`).
 """
 
 from __future__ import annotations
@@ -165,6 +168,11 @@ class LayerOptions(NamedTuple):
     depthwise: str = "auto"
     dtype: Any = jnp.float32
 
+    @classmethod
+    def of(cls, arch: dict, dtype: Any) -> LayerOptions:
+        """The options of a validated arch (bn_eps, bn_momentum, padding, depthwise)."""
+        return cls(arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype)
+
     def norm(self, *, bn_train: bool, name: str) -> nn.BatchNorm:
         # Two-pass variance: E[x^2] - E[x]^2 doubled the error of bn_train=True against
         # float64 (tiny late feature maps, batch statistics of 16 values).
@@ -264,39 +272,59 @@ def drop_connect_rates(rate: float, layout) -> list[tuple[float, ...]]:
     return out
 
 
-def _validated(arch: dict) -> dict:
+def stage_tuples(stages) -> tuple[tuple[int, ...], ...]:
+    """`stages` as tuples of ints; () where they are not numbers (the caller then refuses)."""
     try:
-        stages = tuple(tuple(int(v) for v in stage) for stage in arch["stages"])
+        return tuple(tuple(int(v) for v in stage) for stage in stages)
     except (TypeError, ValueError):
-        stages = ()
+        return ()
+
+
+def positive_ints(family: str, arch: dict, keys) -> dict[str, int]:
+    """arch's `keys` as ints, or a ConfigError naming them all when one is not >= 1."""
+    ints = {k: arch[k] for k in keys}
+    if any(int(v) != v or v < 1 for v in ints.values()):
+        raise ConfigError(f"{family}: {ints} must be positive integers")
+    return {k: int(v) for k, v in ints.items()}
+
+
+def check_ranges(family: str, arch: dict, checks: dict, *, paddings=PADDINGS, extra="") -> None:
+    """A ConfigError for the first key whose check is False, with every option's range
+    (`extra`: the family's own options' ranges, before the rates')."""
+    for key, ok in checks.items():
+        if not ok:
+            raise ConfigError(
+                f"{family}: {key}={arch[key]!r} is out of range (see the module docstring; "
+                f"padding: {paddings}, depthwise: {DEPTHWISE}, {extra}rates in [0, 1), "
+                "others > 0)"
+            )
+
+
+def validated(arch: dict, *, family: str = "efficientnet_lite") -> dict:
+    """`arch` checked and typed: Lite's options, and EfficientNet's se_ratio where it has one."""
+    stages = stage_tuples(arch["stages"])
     if not stages or any(len(s) != 5 or min(s) < 1 or s[2] > 2 or s[1] % 2 == 0 for s in stages):
         raise ConfigError(
-            f"efficientnet_lite: stages={arch['stages']!r}; give per stage (repeats, kernel, "
+            f"{family}: stages={arch['stages']!r}; give per stage (repeats, kernel, "
             "stride, expand_ratio, out_channels), positive, odd kernel, stride 1 or 2"
         )
-    ints = {k: arch[k] for k in ("depth_divisor", "stem_width", "head_width")}
-    if any(int(v) != v or v < 1 for v in ints.values()):
-        raise ConfigError(f"efficientnet_lite: {ints} must be positive integers")
+    ints = positive_ints(family, arch, ("depth_divisor", "stem_width", "head_width"))
+    se = {"se_ratio": 0 <= arch["se_ratio"] <= 1} if "se_ratio" in arch else {}
     checks = {
         "width_coefficient": arch["width_coefficient"] > 0,
         "depth_coefficient": arch["depth_coefficient"] > 0,
+        **se,
         "bn_eps": arch["bn_eps"] > 0,
         "bn_momentum": 0 <= arch["bn_momentum"] < 1,
         "drop_connect_rate": 0 <= arch["drop_connect_rate"] < 1,
         "padding": arch["padding"] in PADDINGS,
         "depthwise": arch["depthwise"] in DEPTHWISE,
     }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(
-                f"efficientnet_lite: {key}={arch[key]!r} is out of range (see the module "
-                f"docstring; padding: {PADDINGS}, depthwise: {DEPTHWISE}, rates in [0, 1), "
-                "others > 0)"
-            )
-    floats = ("width_coefficient", "depth_coefficient", "bn_eps", "bn_momentum")
+    check_ranges(family, arch, checks, extra="se_ratio in [0, 1], " if se else "")
+    floats = ("width_coefficient", "depth_coefficient", *se, "bn_eps", "bn_momentum")
     return {
         **arch,
-        **{k: int(v) for k, v in ints.items()},
+        **ints,
         **{k: float(arch[k]) for k in (*floats, "drop_connect_rate")},
         "stages": stages,
     }
@@ -305,10 +333,11 @@ def _validated(arch: dict) -> dict:
 _BLOCK_PATH = re.compile(r"backbone/stage(\d+)/block(\d+)/.+")
 
 
-def position(name: str, *, repeats: tuple[int, ...]) -> tuple[int, int]:
-    """(stage, layer) of a parameter name: stem (0, 0); block j of stage s (s, blocks before
-    + j); head_conv/head_bn (len + 1, sum + 1); head (len + 2, sum + 2). A leading
-    collection ('params/', 'batch_stats/') is allowed."""
+def position(name: str, *, repeats: tuple[int, ...], family: str) -> tuple[int, int]:
+    """(stage, layer) of a parameter name of an MBConv-style network (Lite, EfficientNet,
+    MobileNetV2): stem (0, 0); block j of stage s (s, blocks before + j); head_conv/head_bn
+    (len + 1, sum + 1); head (len + 2, sum + 2). A leading collection ('params/',
+    'batch_stats/') is allowed; `family` names the model in the error."""
     path = re.sub(r"^(params|batch_stats)/", "", name)
     n_stages, n_blocks = len(repeats), sum(repeats)
     if path.startswith("head/"):
@@ -323,35 +352,42 @@ def position(name: str, *, repeats: tuple[int, ...]) -> tuple[int, int]:
         if 1 <= stage <= n_stages and 1 <= block <= repeats[stage - 1]:
             return stage, sum(repeats[: stage - 1]) + block
     raise ValueError(
-        f"efficientnet_lite {repeats=}: no parameter {name!r}; names are 'backbone/stem/...', "
+        f"{family} {repeats=}: no parameter {name!r}; names are 'backbone/stem/...', "
         "'backbone/stage<s>/block<j>/...' (within repeats), 'backbone/head_conv/...', "
         "'backbone/head_bn/...' or 'head/...'"
     )
 
 
-def _stage_of(name: str, *, repeats) -> int:
-    return position(name, repeats=repeats)[0]
+def _stage_of(name: str, *, repeats, family: str) -> int:
+    return position(name, repeats=repeats, family=family)[0]
 
 
-def _layer_of(name: str, *, repeats) -> int:
-    return position(name, repeats=repeats)[1]
+def _layer_of(name: str, *, repeats, family: str) -> int:
+    return position(name, repeats=repeats, family=family)[1]
+
+
+def depth_maps(repeats: tuple[int, ...], *, family: str) -> dict:
+    """ModelSpec's n_stages, stage_of, n_layers and layer_of for these stage depths."""
+    return {
+        "n_stages": len(repeats) + 2,
+        "stage_of": functools.partial(_stage_of, repeats=repeats, family=family),
+        "n_layers": sum(repeats) + 2,
+        "layer_of": functools.partial(_layer_of, repeats=repeats, family=family),
+    }
 
 
 def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("efficientnet_lite", overrides, DEFAULTS)
-    arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
+    arch = validated({**DEFAULTS, **ARCHS[name], **overrides})
     layout = block_layout(arch)
     repeats = tuple(len(blocks) for blocks in layout)
-    opts = LayerOptions(
-        arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype
-    )
     backbone = EfficientNetLite(
         layout=layout,
         stem_width=arch["stem_width"],
         head_width=arch["head_width"],
         drop_connect_rate=arch["drop_connect_rate"],
-        opts=opts,
+        opts=LayerOptions.of(arch, dtype),
     )
     _, _, resolution, classifier_dropout = VARIANTS[name]
     return common.ModelSpec(
@@ -359,10 +395,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
         family="efficientnet_lite",
         module=common.Classifier(backbone=backbone, head=head),
         preprocessing=pp.lite(resolution, 0.875, interpolation="bicubic"),
-        n_stages=len(repeats) + 2,
-        stage_of=functools.partial(_stage_of, repeats=repeats),
-        n_layers=sum(repeats) + 2,
-        layer_of=functools.partial(_layer_of, repeats=repeats),
+        **depth_maps(repeats, family="efficientnet_lite"),
         feature_dim=arch["head_width"],
         arch={**arch, "repeats": repeats, "classifier_dropout": classifier_dropout},
     )

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -60,7 +59,11 @@ from tlflax.models.efficientnet_lite import (
     BlockSpec,
     EfficientNetLite,
     LayerOptions,
+    check_ranges,
+    depth_maps,
+    positive_ints,
     round_filters,
+    stage_tuples,
 )
 
 PADDINGS = ("symmetric", "same")
@@ -143,18 +146,13 @@ class MobileNetV2(EfficientNetLite):
 
 
 def _validated(arch: dict) -> dict:
-    try:
-        stages = tuple(tuple(int(v) for v in stage) for stage in arch["stages"])
-    except (TypeError, ValueError):
-        stages = ()
+    stages = stage_tuples(arch["stages"])
     if not stages or any(len(s) != 4 or min(s) < 1 or s[3] > 2 for s in stages):
         raise ConfigError(
             f"mobilenet_v2: stages={arch['stages']!r}; give per stage (t, c, n, s): expansion, "
             "channels, repeats, stride, positive integers, stride 1 or 2"
         )
-    ints = {k: arch[k] for k in ("divisor", "stem_width", "head_width")}
-    if any(int(v) != v or v < 1 for v in ints.values()):
-        raise ConfigError(f"mobilenet_v2: {ints} must be positive integers")
+    ints = positive_ints("mobilenet_v2", arch, ("divisor", "stem_width", "head_width"))
     checks = {
         "width": arch["width"] > 0,
         "depth": arch["depth"] > 0,
@@ -165,47 +163,10 @@ def _validated(arch: dict) -> dict:
         "padding": arch["padding"] in PADDINGS,
         "depthwise": arch["depthwise"] in DEPTHWISE,
     }
-    for key, ok in checks.items():
-        if not ok:
-            raise ConfigError(
-                f"mobilenet_v2: {key}={arch[key]!r} is out of range (see the module docstring; "
-                f"padding: {PADDINGS}, depthwise: {DEPTHWISE}, fix_stem_head: True | False, "
-                "rates in [0, 1), others > 0)"
-            )
+    extra = "fix_stem_head: True | False, "
+    check_ranges("mobilenet_v2", arch, checks, paddings=PADDINGS, extra=extra)
     floats = ("width", "depth", "bn_eps", "bn_momentum", "drop_path_rate")
-    return {
-        **arch,
-        **{k: int(v) for k, v in ints.items()},
-        **{k: float(arch[k]) for k in floats},
-        "stages": stages,
-    }
-
-
-_BLOCK_PATH = re.compile(r"backbone/stage(\d+)/block(\d+)/.+")
-
-
-def position(name: str, *, repeats: tuple[int, ...]) -> tuple[int, int]:
-    """(stage, layer) of a parameter name: stem (0, 0); block j of stage s (s, blocks before
-    + j); head_conv/head_bn (len + 1, sum + 1); head (len + 2, sum + 2). A leading
-    collection ('params/', 'batch_stats/') is allowed."""
-    path = re.sub(r"^(params|batch_stats)/", "", name)
-    n_stages, n_blocks = len(repeats), sum(repeats)
-    if path.startswith("head/"):
-        return n_stages + 2, n_blocks + 2
-    if path.startswith("backbone/stem/"):
-        return 0, 0
-    if path.startswith(("backbone/head_conv/", "backbone/head_bn/")):
-        return n_stages + 1, n_blocks + 1
-    m = _BLOCK_PATH.fullmatch(path)
-    if m:
-        stage, block = int(m[1]), int(m[2])
-        if 1 <= stage <= n_stages and 1 <= block <= repeats[stage - 1]:
-            return stage, sum(repeats[: stage - 1]) + block
-    raise ValueError(
-        f"mobilenet_v2 {repeats=}: no parameter {name!r}; names are 'backbone/stem/...', "
-        "'backbone/stage<s>/block<j>/...' (within repeats), 'backbone/head_conv/...', "
-        "'backbone/head_bn/...' or 'head/...'"
-    )
+    return {**arch, **ints, **{k: float(arch[k]) for k in floats}, "stages": stages}
 
 
 def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
@@ -215,27 +176,20 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
     layout = block_layout(arch)
     repeats = tuple(len(blocks) for blocks in layout)
     stem_width, head_width = stem_and_head_widths(arch)
-    opts = LayerOptions(
-        arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype
-    )
     backbone = MobileNetV2(
         layout=layout,
         stem_width=stem_width,
         head_width=head_width,
         drop_connect_rate=arch["drop_path_rate"],
-        opts=opts,
+        opts=LayerOptions.of(arch, dtype),
     )
     _, resolution, interpolation, classifier_dropout = VARIANTS[name]
-    where = functools.partial(position, repeats=repeats)
     return common.ModelSpec(
         name=name,
         family="mobilenet_v2",
         module=common.Classifier(backbone=backbone, head=head),
         preprocessing=pp.imagenet(resolution, 0.875, interpolation=interpolation),
-        n_stages=len(repeats) + 2,
-        stage_of=lambda n: where(n)[0],
-        n_layers=sum(repeats) + 2,
-        layer_of=lambda n: where(n)[1],
+        **depth_maps(repeats, family="mobilenet_v2"),
         feature_dim=head_width,
         arch={
             **arch,

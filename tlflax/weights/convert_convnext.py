@@ -27,7 +27,13 @@ import re
 import numpy as np
 
 from tlflax.errors import ConfigError
-from tlflax.weights.common import UNEXPECTED_PREFIX, Converted, conv_kernel, dense_kernel
+from tlflax.weights.common import (
+    UNEXPECTED_PREFIX,
+    Converted,
+    check_family,
+    conv_kernel,
+    dense_kernel,
+)
 
 SCHEMES = ("timm", "hf", "fb")
 HEAD = "head/out"
@@ -144,10 +150,7 @@ def _leaf(kind: str, leaf: str | None, value: np.ndarray):
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """A ConvNeXt checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "convnext":
-        raise ConfigError(
-            f"convert_convnext got a {spec.family!r} model ({spec.name}); use its own"
-        )
+    check_family(spec, "convnext")
     scheme = detect_scheme(state)
     variables: dict[str, np.ndarray] = {}
     for source_key, value in state.items():

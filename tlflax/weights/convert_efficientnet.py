@@ -54,33 +54,31 @@ from tlflax import preprocessing as pp
 from tlflax.errors import ConfigError
 from tlflax.models import efficientnet
 from tlflax.weights import keras
-from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.common import (
+    TORCH_LEAVES,
+    Converted,
+    check_family,
+    convert_each,
+    target,
+    torch_counter,
+    unwrapped,
+)
+from tlflax.weights.convert_efficientnet_lite import (
+    TIMM_DS,
+    TIMM_IR,
+    block_names,
+    keras_target,
+    timm_module,
+    torch_target,
+)
 from tlflax.weights.merge import CheckpointMismatchError
 from tlflax.weights.readers import CorruptCheckpointError
 
 SCHEMES = ("timm", "torchvision", "transformers", "keras")
-_IGNORED = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
-_TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn", "conv_head": "head_conv", "bn2": "head_bn"}
-# timm's InvertedResidual, and DepthwiseSeparableConv (a block without expansion)
-_TIMM_IR = {
-    "conv_pw": "expand_conv",
-    "bn1": "expand_bn",
-    "conv_dw": "dw_conv",
-    "bn2": "dw_bn",
-    "se.conv_reduce": "se/reduce",
-    "se.conv_expand": "se/expand",
-    "conv_pwl": "project_conv",
-    "bn3": "project_bn",
-}
-_TIMM_DS = {
-    "conv_dw": "dw_conv",
-    "bn1": "dw_bn",
-    "se.conv_reduce": "se/reduce",
-    "se.conv_expand": "se/expand",
-    "conv_pw": "project_conv",
-    "bn2": "project_bn",
-}
+# timm's InvertedResidual and DepthwiseSeparableConv (a block without expansion), with SE
+_TIMM_SE = {"se.conv_reduce": "se/reduce", "se.conv_expand": "se/expand"}
+_TIMM_IR, _TIMM_DS = {**TIMM_IR, **_TIMM_SE}, {**TIMM_DS, **_TIMM_SE}
 _HF_TOP = {
     "embeddings.convolution": "stem/conv",
     "embeddings.batchnorm": "stem/bn",
@@ -102,12 +100,8 @@ _TV_EXPAND = {"0": "expand", "1": "dw", "2": "se", "3": "project"}
 _TV_NO_EXPAND = {"0": "dw", "1": "se", "2": "project"}
 
 
-def _strip(key: str) -> str:
-    return key.removeprefix("module.")
-
-
 def detect_scheme(keys) -> str:
-    keys = [_strip(k) for k in keys]
+    keys = [k.removeprefix("module.") for k in keys]
     if any(_KERAS_ANY.match(k) for k in keys):
         return "keras"
     if "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
@@ -123,21 +117,6 @@ def detect_scheme(keys) -> str:
         "('efficientnet.embeddings.convolution.weight', 'efficientnet.encoder.blocks.0...') "
         "and keras.applications ('stem_conv/kernel', 'block1a_dwconv/depthwise_kernel', ...)"
     )
-
-
-def _timm_module(module: str, *, keys: set[str]) -> str | None:
-    if module in _TIMM_TOP:
-        return f"backbone/{_TIMM_TOP[module]}"
-    if module == "classifier":
-        return "head/out"
-    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(.+)", module)
-    if not m:
-        return None
-    expands = f"blocks.{m[1]}.{m[2]}.conv_pwl.weight" in keys
-    table = _TIMM_IR if expands else _TIMM_DS
-    if m[3] not in table:
-        return None
-    return f"backbone/stage{int(m[1]) + 1}/block{int(m[2]) + 1}/{table[m[3]]}"
 
 
 def _torchvision_module(module: str, *, keys: set[str], head: int) -> str | None:
@@ -161,15 +140,6 @@ def _torchvision_module(module: str, *, keys: set[str], head: int) -> str | None
     return f"backbone/stage{m[1]}/block{int(m[2]) + 1}/{name}"
 
 
-def hf_block_names(repeats) -> dict[int, str]:
-    """transformers' global block index -> 'stage{s}/block{j}' in a model of these repeats."""
-    names, k = {}, 0
-    for s, n in enumerate(repeats, 1):
-        for j in range(1, n + 1):
-            names[k], k = f"stage{s}/block{j}", k + 1
-    return names
-
-
 def _hf_module(module: str, *, blocks: dict[int, str]) -> str | None:
     module = module.removeprefix("efficientnet.")
     if module in _HF_TOP:
@@ -189,14 +159,12 @@ def _se_kernel(w: np.ndarray) -> np.ndarray:
     return w[:, :, 0, 0].T
 
 
-def _rule(module: str, leaf: str):
-    """(collection, tlflax leaf, layout change) of a checkpoint leaf of a tlflax module."""
-    if "/se/" in module:
-        return {"weight": ("params", "kernel", _se_kernel), "bias": ("params", "bias", None)}.get(
-            leaf
-        )
-    kind = "dense" if module == "head/out" else "bn" if module.endswith("bn") else "conv"
-    return TORCH_LEAVES.get((kind, leaf))
+# TORCH_LEAVES, and the squeeze-excite's 1x1 convs read as Dense layers
+_LEAVES = {
+    **TORCH_LEAVES,
+    ("se", "weight"): ("params", "kernel", _se_kernel),
+    ("se", "bias"): ("params", "bias", None),
+}
 
 
 # --------------------------------------------------------------------------- keras
@@ -231,20 +199,10 @@ _KERAS_IGNORED = (
     "tlflax normalises on the device, with convert_efficientnet.keras_preprocessing's "
     "mean / std from these values"
 )
-# Keras' weight -> (collection, tlflax leaf, layout change). A depthwise kernel is
-# (k, k, C, 1) in Keras, (k, k, 1, C) in flax; an SE conv's (1, 1, C, R) a Dense (C, R).
-_KERAS_LEAVES = {
-    "kernel": ("params", "kernel", None),
-    "depthwise_kernel": ("params", "kernel", lambda w: np.transpose(w, (0, 1, 3, 2))),
-    "gamma": ("params", "scale", None),
-    "beta": ("params", "bias", None),
-    "moving_mean": ("batch_stats", "mean", None),
-    "moving_variance": ("batch_stats", "var", None),
-    "bias": ("params", "bias", None),
-}
 
 
 def _keras_kernel_1x1(w: np.ndarray) -> np.ndarray:
+    """An SE conv's Keras kernel (1, 1, C, R) -> the Dense kernel (C, R)."""
     if w.ndim != 4 or w.shape[:2] != (1, 1):
         raise ValueError(f"expected a Keras 1x1 conv kernel (1, 1, in, out), got {w.shape}")
     return w[0, 0]
@@ -297,33 +255,11 @@ def _keras_kind(layer: str) -> str | None:
     return "Dense" if layer == "predictions" else None
 
 
-def _unnamed_counts(state, classes) -> dict[str, int]:
-    """How many layers of each class a Keras 3 file that names no layer holds."""
-    found: dict[str, set[str]] = {c: set() for c in classes}
-    for key in state:
-        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
-        if m and m[1] in found:
-            found[m[1]].add(m[0])
-    return {c: len(v) for c, v in found.items()}
-
-
 def _keras_state(state, arch) -> dict[str, np.ndarray]:
     """Keras' layer and weight names for every array, by Keras' numbering where the file
     names no layer (refused where the counts show another layout: the order would lie)."""
     order = keras_layer_order(arch)
-    counts = _unnamed_counts(state, order)
-    if any(counts.values()):
-        want = {c: len(order[c]) for c in order}
-        if not counts["dense"]:
-            want["dense"] = 0  # a file without the top
-        if counts != want:
-            raise CheckpointMismatchError(
-                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
-                f"names them by their order in the model, which needs the file's layout: it "
-                f"holds {counts} layers, this model {want}; build the model the file was "
-                "saved from (tf_efficientnet_b<i>), or save the file again with a recent Keras"
-            )
-    return keras.name_vars(keras.by_order(state, order), _keras_kind)
+    return keras.named_state(state, order, _keras_kind, hint="tf_efficientnet_b<i>")
 
 
 def keras_module(layer: str, *, repeats) -> str | None:
@@ -396,26 +332,21 @@ def _convert_keras(state, spec) -> Converted:
     state = _keras_state(state, spec.arch)
     check_keras_model(state, spec)
     repeats = tuple(spec.arch["repeats"])
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for key, value in state.items():
-        value = np.asarray(value)
-        layer, _, leaf = key.removesuffix(":0").rpartition("/")
-        if _KERAS_NORMALIZATION.fullmatch(layer.rsplit("/", 1)[-1]):
-            ignored[key] = _KERAS_IGNORED
-            continue
-        module = keras_module(layer, repeats=repeats)
-        if module and leaf == "kernel" and module.endswith("dw_conv"):
-            leaf = "depthwise_kernel"  # Keras 3's name for it (by its path: 'kernel')
-        rule = module and _KERAS_LEAVES.get(leaf)
-        name = rule and f"{rule[0]}/{module}/{rule[1]}"
-        if not rule or name in variables:
-            variables[UNEXPECTED_PREFIX + key] = value
-            continue
-        if "/se/" in module and leaf == "kernel":
-            value = _keras_kernel_1x1(value)
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, "keras", ignored)
+    target_of = lambda key: _keras_target(key, repeats=repeats)
+    return convert_each(state, target_of, scheme="keras", skip=_keras_ignored)
+
+
+def _keras_ignored(key: str) -> str | None:
+    layer = key.removesuffix(":0").rpartition("/")[0]
+    return _KERAS_IGNORED if _KERAS_NORMALIZATION.fullmatch(layer.rsplit("/", 1)[-1]) else None
+
+
+def _keras_target(key: str, *, repeats):
+    layer, _, leaf = key.removesuffix(":0").rpartition("/")
+    module = keras_module(layer, repeats=repeats)
+    if module and "/se/" in module and leaf == "kernel":
+        return target(module, ("params", "kernel", _keras_kernel_1x1))
+    return keras_target(module, leaf)
 
 
 # Keras' weights='imagenet' Normalization holds ImageNet's std as its variance (tensorflow
@@ -587,38 +518,18 @@ def _weights_chain(layers, path) -> list[tuple]:
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """An EfficientNet checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "efficientnet":
-        raise ConfigError(
-            f"convert_efficientnet got a {spec.family!r} model ({spec.name}); use its own"
-        )
+    check_family(spec, "efficientnet")
     scheme = detect_scheme(state)
     if scheme == "keras":
         return _convert_keras(state, spec)
-    stripped = {_strip(k): k for k in state}
-    if len(stripped) != len(state):
-        raise ConfigError("checkpoint names repeat once 'module.' is removed; save it unwrapped")
-    keys = set(stripped)
+    keys = unwrapped(state)
     if scheme == "timm":
-        module_of = lambda module: _timm_module(module, keys=keys)
+        module_of = lambda module: timm_module(module, keys=keys, ir=_TIMM_IR, ds=_TIMM_DS)
     elif scheme == "torchvision":
         head = max(int(m[1]) for k in keys if (m := re.match(r"features\.(\d+)\.", k)))
         module_of = lambda module: _torchvision_module(module, keys=keys, head=head)
     else:
-        blocks = hf_block_names(spec.arch["repeats"])
+        blocks = block_names(spec.arch["repeats"], first=0)
         module_of = lambda module: _hf_module(module, blocks=blocks)
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for path, original in stripped.items():
-        value = np.asarray(state[original])
-        if path.endswith(".num_batches_tracked"):
-            ignored[original] = _IGNORED
-            continue
-        module, leaf = path.rsplit(".", 1) if "." in path else ("", path)
-        target = module_of(module)
-        rule = target and _rule(target, leaf)
-        name = rule and f"{rule[0]}/{target}/{rule[1]}"
-        if not rule or name in variables:  # unknown, or a second key for one name
-            variables[UNEXPECTED_PREFIX + original] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, scheme, ignored)
+    target_of = lambda key: torch_target(key, module_of, leaves=_LEAVES)
+    return convert_each(state, target_of, scheme=scheme, keys=keys, skip=torch_counter)

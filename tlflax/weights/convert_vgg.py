@@ -29,11 +29,18 @@ import numpy as np
 
 from tlflax.errors import ConfigError
 from tlflax.weights import keras
-from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
+from tlflax.weights.common import (
+    TORCH_LEAVES,
+    UNEXPECTED_PREFIX,
+    Converted,
+    check_family,
+    convert_each,
+    target,
+    torch_counter,
+)
 from tlflax.weights.merge import CheckpointMismatchError
 
 SCHEMES = ("torchvision", "timm", "keras")
-_IGNORED_BN = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 
 
 def detect_scheme(state) -> str:
@@ -99,6 +106,24 @@ def _module_of(key: str, *, features: dict, scheme: str):
     return (f"backbone/{name}", "fc") if name else None
 
 
+def _left_out(found, arch) -> str | None:
+    """Why a checkpoint's fc layer is left out: the model has none."""
+    if found and found[1] == "fc" and arch["pooling"] != "classifier":
+        return f"pooling={arch['pooling']!r}: the model has no fc layers"
+    return None
+
+
+def _torch_target(key: str, found, *, channels: int):
+    leaf = key.rsplit(".", 1)[-1]
+    if found and found[1] == "fc":
+        rule = _fc_rule(found[0], leaf, channels=channels)
+    elif found and found[1] == "conv" and leaf == "bias":  # VGG's convs have biases
+        rule = ("params", "bias", None)
+    else:
+        rule = found and TORCH_LEAVES.get((found[1], leaf))
+    return found and target(found[0], rule)
+
+
 def _keras_state(state, depths) -> dict[str, np.ndarray]:
     """Keras' names for every array (by Keras' numbering where the file names no layer)."""
     convs = [f"block{i}_conv{j}" for i, d in enumerate(depths, 1) for j in range(1, d + 1)]
@@ -134,8 +159,8 @@ def _convert_keras(state, arch) -> Converted:
     for key, value in state.items():
         layer, _, leaf = key.rpartition("/")
         module, kind = _keras_module(layer)
-        if kind == "fc" and not has_fc:
-            ignored[key] = f"pooling={arch['pooling']!r}: the model has no fc layers"
+        if reason := _left_out((module, kind), arch):
+            ignored[key] = reason
             continue
         if module is None or leaf not in ("kernel", "bias"):
             variables[UNEXPECTED_PREFIX + key] = np.asarray(value)
@@ -150,35 +175,13 @@ def _convert_keras(state, arch) -> Converted:
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """A VGG checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "vgg":
-        raise ConfigError(f"convert_vgg got a {spec.family!r} model ({spec.name}); use its own")
+    check_family(spec, "vgg")
     scheme = detect_scheme(state)
     arch = spec.arch
     if scheme == "keras":
         return _convert_keras(state, arch)
     features = feature_modules(arch["depths"], batch_norm=arch["batch_norm"])
-    has_fc = arch["pooling"] == "classifier"
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for key, value in state.items():
-        value = np.asarray(value)
-        if key.endswith(".num_batches_tracked"):
-            ignored[key] = _IGNORED_BN
-            continue
-        found = _module_of(key, features=features, scheme=scheme)
-        leaf = key.rsplit(".", 1)[-1]
-        if found and found[1] == "fc" and not has_fc:
-            ignored[key] = f"pooling={arch['pooling']!r}: the model has no fc layers"
-            continue
-        if found and found[1] == "fc":
-            rule = _fc_rule(found[0], leaf, channels=arch["widths"][-1])
-        elif found and found[1] == "conv" and leaf == "bias":  # VGG's convs have biases
-            rule = ("params", "bias", None)
-        else:
-            rule = found and TORCH_LEAVES.get((found[1], leaf))
-        name = rule and f"{rule[0]}/{found[0]}/{rule[1]}"
-        if not rule or name in variables:  # unknown, or a second key for one name
-            variables[UNEXPECTED_PREFIX + key] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, scheme, ignored)
+    module_of = lambda key: _module_of(key, features=features, scheme=scheme)
+    target_of = lambda key: _torch_target(key, module_of(key), channels=arch["widths"][-1])
+    skip = lambda key: torch_counter(key) or _left_out(module_of(key), arch)
+    return convert_each(state, target_of, scheme=scheme, skip=skip)

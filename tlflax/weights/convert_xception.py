@@ -29,23 +29,20 @@ import numpy as np
 
 from tlflax.errors import ConfigError
 from tlflax.weights import keras
-from tlflax.weights.common import TORCH_LEAVES, UNEXPECTED_PREFIX, Converted
-from tlflax.weights.merge import CheckpointMismatchError
+from tlflax.weights.common import (
+    KERAS_LEAVES,
+    TORCH_LEAVES,
+    Converted,
+    check_family,
+    convert_each,
+    target,
+    torch_counter,
+)
 
 SCHEMES = ("timm", "keras")
-_IGNORED_BN = "BatchNorm update counter; flax's BatchNorm keeps none (momentum is fixed)"
 _TIMM_STEM = {"conv1": "block1/conv1", "bn1": "block1/conv1_bn",
               "conv2": "block1/conv2", "bn2": "block1/conv2_bn"}  # fmt: skip
-_KERAS_LEAVES = {
-    "kernel": ("params", "kernel", None),
-    "depthwise_kernel": ("params", "kernel", lambda w: np.transpose(w, (0, 1, 3, 2))),
-    "pointwise_kernel": ("params", "kernel", None),
-    "gamma": ("params", "scale", None),
-    "beta": ("params", "bias", None),
-    "moving_mean": ("batch_stats", "mean", None),
-    "moving_variance": ("batch_stats", "var", None),
-    "bias": ("params", "bias", None),
-}
+_KERAS_LEAVES = {**KERAS_LEAVES, "pointwise_kernel": ("params", "kernel", None)}
 
 
 # keras.applications' layer names, or a Keras 3 file's paths where it names no layer.
@@ -105,27 +102,14 @@ def _timm_module(module: str, *, middle_blocks: int) -> tuple[str, str] | None:
     return None
 
 
-def _convert_timm(state, *, middle_blocks: int) -> Converted:
-    variables: dict[str, np.ndarray] = {}
-    ignored: dict[str, str] = {}
-    for key, value in state.items():
-        value = np.asarray(value)
-        if key.endswith(".num_batches_tracked"):
-            ignored[key] = _IGNORED_BN
-            continue
-        module, leaf = key.rsplit(".", 1) if "." in key else (key, "")
-        if module in ("fc", "last_linear"):
-            found = ("head/out", "dense")
-        else:
-            found = _timm_module(module, middle_blocks=middle_blocks)
-            found = found and (f"backbone/{found[0]}", found[1])
-        rule = found and TORCH_LEAVES.get((found[1], leaf))
-        name = rule and f"{rule[0]}/{found[0]}/{rule[1]}"
-        if not rule or name in variables:  # unknown, or a second key for one name
-            variables[UNEXPECTED_PREFIX + key] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, "timm", ignored)
+def _timm_target(key: str, *, middle_blocks: int):
+    module, leaf = key.rsplit(".", 1) if "." in key else (key, "")
+    if module in ("fc", "last_linear"):
+        found = ("head/out", "dense")
+    else:
+        found = _timm_module(module, middle_blocks=middle_blocks)
+        found = found and (f"backbone/{found[0]}", found[1])
+    return found and target(found[0], TORCH_LEAVES.get((found[1], leaf)))
 
 
 def keras_shortcuts(state, *, middle_blocks: int) -> dict[str, str]:
@@ -180,62 +164,35 @@ def _keras_state(state, *, middle_blocks: int) -> dict[str, np.ndarray]:
     """Keras' layer and weight names for every array, by Keras' numbering where the file
     names no layer (refused where the counts show another layout: the order would lie)."""
     order = keras_layer_order(middle_blocks=middle_blocks)
-    found: dict[str, set[str]] = {c: set() for c in order}
-    for key in state:
-        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
-        if m and m[1] in found:
-            found[m[1]].add(m[0])
-    counts = {c: len(v) for c, v in found.items()}
-    if any(counts.values()):
-        want = {c: len(order[c]) for c in order}
-        if not counts["dense"]:
-            want["dense"] = 0  # a file without the top
-        if counts != want:
-            raise CheckpointMismatchError(
-                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
-                f"names them by their order in the model, which needs the file's layout: it "
-                f"holds {counts} layers, this model (middle_blocks={middle_blocks}) {want}; "
-                "build the model the file was saved from, or save the file again with a "
-                "recent Keras"
-            )
-    return keras.name_vars(keras.by_order(state, order), _keras_kind)
+    model = f"this model (middle_blocks={middle_blocks})"
+    return keras.named_state(state, order, _keras_kind, model=model)
 
 
-def _convert_keras(state, *, middle_blocks: int) -> Converted:
-    state = _keras_state(state, middle_blocks=middle_blocks)
-    shortcuts = keras_shortcuts(state, middle_blocks=middle_blocks)
-    variables: dict[str, np.ndarray] = {}
-    for key, value in state.items():
-        value = np.asarray(value)
-        layer, _, leaf = key.removesuffix(":0").rpartition("/")
-        if layer == "predictions":
-            module = "head/out"
-        elif layer in shortcuts:
-            module = f"backbone/{shortcuts[layer]}"
-        elif re.fullmatch(r"block\d+_(conv|sepconv)\d+(_bn)?", layer):
-            module = "backbone/" + layer.replace("_", "/", 1)
-        else:
-            module = None
-        rule = module and _KERAS_LEAVES.get(leaf)
-        if rule and leaf.endswith(("depthwise_kernel", "pointwise_kernel")):
-            module += "/depthwise" if leaf == "depthwise_kernel" else "/pointwise"
-        name = rule and f"{rule[0]}/{module}/{rule[1]}"
-        if not rule or name in variables:
-            variables[UNEXPECTED_PREFIX + key] = value
-            continue
-        variables[name] = rule[2](value) if rule[2] else value
-    return Converted(variables, "keras", {})
+def _keras_target(key: str, *, shortcuts: dict[str, str]):
+    layer, _, leaf = key.removesuffix(":0").rpartition("/")
+    if layer == "predictions":
+        module = "head/out"
+    elif layer in shortcuts:
+        module = f"backbone/{shortcuts[layer]}"
+    elif re.fullmatch(r"block\d+_(conv|sepconv)\d+(_bn)?", layer):
+        module = "backbone/" + layer.replace("_", "/", 1)
+    else:
+        return None
+    if leaf in ("depthwise_kernel", "pointwise_kernel"):
+        module += "/depthwise" if leaf == "depthwise_kernel" else "/pointwise"
+    return target(module, _KERAS_LEAVES.get(leaf))
 
 
 def convert(state: dict[str, np.ndarray], *, spec, shapes) -> Converted:
     """An Xception checkpoint in tlflax names. `shapes` is unused: nothing is adapted."""
     del shapes
-    if spec.family != "xception":
-        raise ConfigError(
-            f"convert_xception got a {spec.family!r} model ({spec.name}); use its own"
-        )
+    check_family(spec, "xception")
     scheme = detect_scheme(state)
     middle_blocks = spec.arch["middle_blocks"]
-    if scheme == "keras":
-        return _convert_keras(state, middle_blocks=middle_blocks)
-    return _convert_timm(state, middle_blocks=middle_blocks)
+    if scheme == "timm":
+        target_of = lambda key: _timm_target(key, middle_blocks=middle_blocks)
+        return convert_each(state, target_of, scheme="timm", skip=torch_counter)
+    state = _keras_state(state, middle_blocks=middle_blocks)
+    shortcuts = keras_shortcuts(state, middle_blocks=middle_blocks)
+    target_of = lambda key: _keras_target(key, shortcuts=shortcuts)
+    return convert_each(state, target_of, scheme="keras")

@@ -47,10 +47,13 @@ The interface converters use (tlflax/weights/convert_<family>.py; load_pretraine
   by_order(state, order, container='layers') -> state with the Keras 3 paths of a file that
                          names no layer ('layers/conv2d_3/kernel') renamed from the
                          converter's model order: order = {'conv2d': ['block1_conv1', ...]}
+  named_state(state, order, kind_of) -> by_order then name_vars, refused where the file
+                         names no layer and its count of layers per class is not `order`'s
   read_layers(path) -> list[Layer]   the layers before they become keys (class, config, arrays)
   read(path) -> dict     the flat dict above
 A converter calls `by_order` then `name_vars` on the state it is given, and maps the names:
     state = keras.name_vars(keras.by_order(state, ORDER), KIND_OF)
+or, where the order must be the file's whole layout, keras.named_state(state, ORDER, KIND_OF).
 A damaged, truncated or non-Keras file is a CorruptCheckpointError naming the file.
 """
 
@@ -218,6 +221,44 @@ def by_order(
             key = f"{names[k]}/{m[3]}"
         out[key] = value
     return out
+
+
+def named_state(
+    state: dict[str, np.ndarray],
+    order: Mapping[str, Sequence[str]],
+    kind_of: Mapping[str, str | Sequence[str] | None] | Callable[[str], object],
+    *,
+    model: str = "this model",
+    hint: str = "",
+) -> dict[str, np.ndarray]:
+    """`name_vars(by_order(state, order), kind_of)`, where a file that names no layer must
+    hold as many layers of each class as `order` lists (else the order would misplace
+    them): a CheckpointMismatchError otherwise, naming `model` and what to build (`hint`).
+    Such a file without Dense layers is one saved without its top (the classifier)."""
+    counts = _unnamed_counts(state, order)
+    if any(counts.values()):
+        want = {c: len(order[c]) for c in order}
+        if "dense" in want and not counts["dense"]:
+            want["dense"] = 0  # a file without the top
+        if counts != want:
+            build = f"the model the file was saved from{f' ({hint})' if hint else ''}"
+            raise CheckpointMismatchError(
+                f"the Keras file names no layers (Keras 3 before it stored them), so tlflax "
+                f"names them by their order in the model, which needs the file's layout: it "
+                f"holds {counts} layers, {model} {want}; build {build}, or save the file again "
+                "with a recent Keras"
+            )
+    return name_vars(by_order(state, order), kind_of)
+
+
+def _unnamed_counts(state, classes) -> dict[str, int]:
+    """How many layers of each class a Keras 3 file that names no layer holds."""
+    found: dict[str, set[str]] = {c: set() for c in classes}
+    for key in state:
+        m = re.match(r"layers/([a-z0-9_]+?)(?:_\d+)?/", key)
+        if m and m[1] in found:
+            found[m[1]].add(m[0])
+    return {c: len(v) for c, v in found.items()}
 
 
 def read(path: str | pathlib.Path) -> dict[str, np.ndarray]:
