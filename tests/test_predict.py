@@ -155,5 +155,5 @@ def test_config_lists_every_key_with_its_meaning_and_changed_defaults(capsys, mo
         "optim.k = 2  (default: 1)  # last_k: stages >= n_stages - k train (plus the head)"
     )
     assert by_key["data.path"].startswith("data.path = 'PHOTOS'  (default: '')  # folder: root")
-    assert "# one seed for init, data order and augmentation" in by_key["seed"]
+    assert "# init, data order, augmentation, dropout; not the carved split" in by_key["seed"]
     assert sum("#" not in line for line in lines) <= 3, [x for x in lines if "#" not in x]
