@@ -40,12 +40,17 @@ demo: setup
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/tlflax train --config configs/demo.py --workdir $(DEMO_DIR)
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; one file stays in one
+# process, so module fixtures are built once). TEST_WORKERS=0 runs everything in this one.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (real training runs, processes).
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: setup-test
 	$(VENV)/bin/ruff check tlflax tests benchmarks configs

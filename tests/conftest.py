@@ -1,6 +1,7 @@
 """Test-suite guarantees: CPU only, 8 fake devices, and no network, ever."""
 
 import os
+import pathlib
 
 # Before jax is imported anywhere: 8 fake CPU devices for the sharding tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -11,6 +12,15 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keras models are references in tests (tests/test_keras_weights.py): on JAX, never TensorFlow.
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# One persistent XLA compilation cache for the suite, its pytest-xdist workers and the CLI
+# processes the tests start (they inherit the environment): most tests build the same tiny
+# models, so a step compiled once is read back instead of compiled again (on 2 cores the
+# suite spends more time compiling than computing). TLFLAX_TEST_JIT_CACHE=0 turns it off.
+if os.environ.get("TLFLAX_TEST_JIT_CACHE", "1") != "0":
+    _jit_cache = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_jit_cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # TensorFlow (TFDS tests) and torch's triton (the torchvision / timm references) crash the
 # process when TensorFlow's libraries load first (segfault inside triton's import; TF 2.20,
@@ -21,7 +31,6 @@ except ImportError:
     pass
 
 import ipaddress  # noqa: E402
-import pathlib  # noqa: E402
 import socket  # noqa: E402
 
 import pytest  # noqa: E402

@@ -16,6 +16,7 @@ Every process of a multi-host run must call `save` / `wait` / `close` (orbax syn
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -31,6 +32,36 @@ from tlflax import fs
 from tlflax.errors import UserError
 
 STATE_ITEM = "state"  # <directory>/<step>/state/ holds the train state
+
+
+# Orbax writes a leaf replicated over N devices as N slices, one per replica, each cut out by
+# an eager slice dispatch ("replica-parallel"). That spreads a large leaf's write over the
+# hosts of a pod; for the hundreds of small leaves of a transfer-learning state (biases,
+# BatchNorm, the head, their optimizer moments) it is only dispatch overhead: with 8 devices it
+# was most of a small model's save time (1.5 s per save of resnet_tiny on 8 CPU devices, 0.1 s
+# without). Leaves whose per-replica slice would be under this size are written by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_parallel_for_large_leaves_only() -> None:
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(default, "_min_slice_bytes_for_replica_parallel", 0):
+        return  # already set (by this function, or by the user's own handler)
+    try:
+        handler = ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+            # orbax's default handler keeps per-array metadata; so does this one
+            array_metadata_store=getattr(default, "_array_metadata_store", None),
+        )
+    except TypeError:  # an orbax without these options: its defaults stay
+        return
+    absl_logger = logging.getLogger("absl")  # orbax warns of every override it is asked for
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -83,6 +114,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,  # leftovers of a crashed save
             create=True,
         )
+        _use_replica_parallel_for_large_leaves_only()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
