@@ -12,7 +12,6 @@ import pytest
 
 from tlflax import imagenet, main, zoo
 from tlflax.models import common, create_model
-from tlflax.weights import sources
 
 
 def test_the_imagenet_classes_are_the_standard_order_with_unique_labels():
@@ -72,39 +71,28 @@ def test_inspect_of_an_unknown_model_is_one_line_naming_the_close_ones(capsys):
     assert err.count("\n") == 1 and "did you mean resnet50" in err and "tlflax models" in err
 
 
-def _trace(spec, size):
-    x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
-    return jax.eval_shape(lambda x: spec.module.init_with_output(jax.random.key(0), x), x)
-
-
 @pytest.mark.slow
-def test_every_listed_model_traces_with_its_listed_size_and_each_kind_at_64_px():
-    """Every model's init and forward pass, traced at its native resolution (jax.eval_shape:
-    shapes only; compiling every full-size model would take most of an hour on 2 cores, and
-    each family's tests run its small variant for real at two sizes against its reference):
-    7 logits per image, and the parameter count `tlflax models` lists
-    (tlflax/models/param_counts.json) is the model's own. At 64 px, one model of each kind
-    (family, padding rule, patch size: what decides how a small input goes through; the
-    variants of a kind differ in width and depth only), its smallest listed one."""
+def test_every_listed_model_traces_at_two_resolutions_with_its_listed_size():
+    """Every model's init and forward pass, traced at its native resolution and at 64 px
+    (jax.eval_shape: shapes only; compiling every full-size model would take most of an hour
+    on 2 cores, and each family's tests run its small variant for real at two sizes against
+    its reference): 7 logits per image, and the parameter count `tlflax models` lists
+    (tlflax/models/param_counts.json) is the model's own."""
     counts = json.loads(zoo.COUNTS_FILE.read_text())
     assert sorted(counts) == common.available(), "python -m tlflax.zoo --write-counts"
-    kinds = {}
     for name in common.available():
         spec = create_model(name, num_classes=7)
-        logits, variables = _trace(spec, spec.preprocessing.resolution)
-        assert logits.shape == (2, 7), name
-        n_params = sum(v.size for v in jax.tree_util.tree_leaves(variables["params"]))
-        # a 1000-class head instead of this 7-class one
-        n_params += (spec.features_at(spec.preprocessing.resolution) + 1) * (1000 - 7)
-        assert n_params == counts[name], name
-        kind = (spec.family, spec.arch.get("padding"), spec.arch.get("patch"))
-        listed = name in sources.SUGGESTED or not zoo.is_test_variant(name)  # convnext_tiny
-        if listed and counts[name] < kinds.get(kind, ("", 1e18))[1]:
-            kinds[kind] = (name, counts[name])
-    assert len(kinds) == 11, kinds  # 8 families, two paddings of two, ViT patches 16 and 32
-    for name, _ in kinds.values():
-        logits, _ = _trace(create_model(name, num_classes=7), 64)
-        assert logits.shape == (2, 7), (name, 64)
+        native = spec.preprocessing.resolution
+        for size in (native, 64):
+            x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+            logits, variables = jax.eval_shape(
+                lambda x, spec=spec: spec.module.init_with_output(jax.random.key(0), x), x
+            )
+            assert logits.shape == (2, 7), (name, size)
+            if size == native:  # a 1000-class head instead of this 7-class one
+                n_params = sum(v.size for v in jax.tree_util.tree_leaves(variables["params"]))
+                n_params += (spec.features_at(native) + 1) * (1000 - 7)
+                assert n_params == counts[name], name
 
 
 def test_predict_with_a_model_refuses_what_does_not_apply(tmp_path, capsys):
