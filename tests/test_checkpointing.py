@@ -170,6 +170,39 @@ def test_restore_without_shardings_replicates(tmp_path):
     assert_bitwise_equal(restored, state)
 
 
+def test_small_replicated_leaves_are_written_whole_and_large_ones_per_replica(
+    tmp_path, monkeypatch
+):
+    """Orbax cuts a replicated leaf into one slice per device (jax.lax.slice_in_dim, an eager
+    dispatch each); only leaves of at least MIN_REPLICA_SLICE_BYTES per slice are cut now.
+    Both kinds restore bitwise."""
+    mesh = jax.make_mesh((8,), ("data",), devices=jax.devices())
+    rep = NamedSharding(mesh, PartitionSpec())
+    big = 8 * checkpointing.MIN_REPLICA_SLICE_BYTES // 4  # float32: one threshold per slice
+    rng = np.random.default_rng(0)
+    tree = {f"small{i}": rng.normal(size=(64, 8)).astype(np.float32) for i in range(20)}
+    tree["big"] = rng.normal(size=(big,)).astype(np.float32)
+    tree = jax.device_put(tree, rep)
+    cut = []
+    real_slice = jax.lax.slice_in_dim
+
+    def counting_slice(operand, *args, **kwargs):
+        cut.append(operand.size)
+        return real_slice(operand, *args, **kwargs)
+
+    monkeypatch.setattr(jax.lax, "slice_in_dim", counting_slice)
+    with open_ckpt(tmp_path) as ckpt:
+        ckpt.save(1, tree)
+        ckpt.wait()
+        monkeypatch.undo()
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), tree
+        )
+        restored = ckpt.restore(1, abstract_state=abstract)
+    assert cut == [big] * 8  # the big leaf, once per device; no small one
+    assert_bitwise_equal(restored, tree)
+
+
 # ---------------------------------------------------------------------- retention
 
 

@@ -37,9 +37,10 @@ STATE_ITEM = "state"  # <directory>/<step>/state/ holds the train state
 # Orbax writes a leaf replicated over N devices as N slices, one per replica, each cut out by
 # an eager slice dispatch ("replica-parallel"). That spreads a large leaf's write over the
 # hosts of a pod; for the hundreds of small leaves of a transfer-learning state (biases,
-# BatchNorm, the head, their optimizer moments) it is only dispatch overhead: with 8 devices it
-# was most of a small model's save time (1.5 s per save of resnet_tiny on 8 CPU devices, 0.1 s
-# without). Leaves whose per-replica slice would be under this size are written by one replica.
+# BatchNorm, the head, their optimizer moments) it is only dispatch overhead: 300 small leaves
+# replicated over 8 CPU devices took 2.3 s per save, 0.9 s written whole (2026-12-07), and a
+# 20-step CLI run of tests/tiny_config.py on 8 devices went from 29 s to 21 s. Leaves whose
+# per-replica slice would be under this size are written by one replica.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
