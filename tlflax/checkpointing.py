@@ -32,6 +32,9 @@ from tlflax import fs
 from tlflax.errors import UserError
 
 STATE_ITEM = "state"  # <directory>/<step>/state/ holds the train state
+# <directory>/<step>/data/ holds where the train split's reader stands (JSON, written by
+# process 0: every host computes its own share from the same global position).
+DATA_ITEM = "data"
 
 
 # Orbax writes a leaf replicated over N devices as N slices, one per replica, each cut out by
@@ -119,8 +122,11 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_names=(STATE_ITEM,),
-            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()},
+            item_names=(STATE_ITEM, DATA_ITEM),
+            item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                DATA_ITEM: ocp.JsonCheckpointHandler(),
+            },
         )
 
     def _metric_value(self, metrics: Mapping[str, Any]) -> float:
@@ -139,13 +145,16 @@ class Checkpointer:
         state: Any,
         *,
         metrics: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> None:
         """Writes `state` as checkpoint `step` (in the background if async_save).
 
         `metrics` rank the checkpoint for keep_best / best_step (they must hold best_metric);
-        a checkpoint saved without them is kept by recency only. `step` must be newer than the
-        latest checkpoint; force=True writes it anyway, replacing one at the same step.
+        a checkpoint saved without them is kept by recency only. `data`: the data position
+        (JSON-able; data.splits.position), read back by data_position(step). `step` must be
+        newer than the latest checkpoint; force=True writes it anyway, replacing one at the
+        same step.
         """
         step = int(step)
         if metrics is not None:
@@ -162,13 +171,11 @@ class Checkpointer:
             if step in self._manager.all_steps():
                 self._manager.wait_until_finished()
                 self._manager.delete(step)
+        items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if data is not None:
+            items[DATA_ITEM] = ocp.args.JsonSave(dict(data))
         # force=True below only bypasses orbax's save-interval policy; the checks are above.
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state)}),
-            metrics=metrics,
-            force=True,
-        )
+        self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def wait(self) -> None:
         """Blocks until an asynchronous save is complete on disk (raises its error, if any)."""
@@ -220,6 +227,17 @@ class Checkpointer:
             args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}),
         )
         return restored[STATE_ITEM]
+
+    def data_position(self, step: int) -> dict | None:
+        """The data position saved with checkpoint `step`; None when it has none (saved
+        before positions were, or without one)."""
+        self.wait()
+        if not (self.directory / str(int(step)) / DATA_ITEM).exists():
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{DATA_ITEM: ocp.args.JsonRestore()})
+        )
+        return dict(restored[DATA_ITEM])
 
     def restore_latest(self, abstract_state: Any) -> Any:
         return self.restore(self._need(self.latest_step()), abstract_state=abstract_state)

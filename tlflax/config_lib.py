@@ -97,11 +97,23 @@ def _data_config() -> ConfigDict:
     c.cache_dir = ""  # '' : <workdir>/cache; decoded uint8 arrays are reused from here
     c.max_bad_fraction = 0.01  # stop with an error when more images than this are undecodable
     c.max_image_pixels = 89_478_485  # images with more pixels are bad (decompression bombs)
-    c.workers = 0  # decode processes for folder caches; 0: every core, 1: in this process
+    c.workers = 0  # decode processes (caches, stream shards, grain readers); 0: every core, 1: none
+    # Where decoded images live, per split: 'memory' (uint8 arrays in RAM), 'mmap' (the same
+    # cache on disk, memory-mapped), 'stream' (JPEG at the stored size in ArrayRecord files,
+    # read through grain), 'auto' (by the decoded size: memory_share / mmap_share below).
+    c.storage = "auto"
+    c.memory_share = 0.25  # auto: in memory when the decoded split is at most this share of RAM
+    c.mmap_share = 1.0  # auto: else mmap up to this share of RAM (and the disk has room); stream
+    c.stream_jpeg_quality = 95  # stream: JPEG quality of the images re-encoded at the stored size
+    c.stream_shard_images = 1024  # stream: images per ArrayRecord shard (one worker writes each)
     c.tfds_data_dir = ""  # tfds: prepared datasets' folder; '': $TFDS_DATA_DIR or TFDS's default
     c.tfds_download = True  # tfds: download and prepare the dataset when it is not there yet
-    c.tfds_cache_max_mb = 4096  # tfds: splits whose uint8 arrays fit are cached; larger ones stream
-    c.shuffle_buffer = 4096  # tfds streaming: decoded examples in the shuffle buffer (host memory)
+    # tfds: the format a download prepares: 'array_record' is read by every storage mode
+    # without TensorFlow (tfds.data_source + grain); 'tfrecord' only through tf.data.
+    c.tfds_file_format = "array_record"
+    # tfds, storage 'auto': splits whose uint8 arrays are larger than this stream
+    c.tfds_cache_max_mb = 4096
+    c.shuffle_buffer = 4096  # tfds tfrecord streaming (tf.data): examples in the shuffle buffer
     return c
 
 

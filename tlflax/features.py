@@ -89,10 +89,16 @@ class ViewSplit:
     def __getattr__(self, name):
         return getattr(self.__dict__["views"][0], name)
 
-    def iterate(self, *, global_batch: int, epoch: int, shuffle: bool, drop_remainder: bool):
+    def iterate(
+        self, *, global_batch: int, epoch: int, shuffle: bool, drop_remainder: bool, start=0
+    ):
         view = self.views[epoch % len(self.views)]
         return view.iterate(
-            global_batch=global_batch, epoch=epoch, shuffle=shuffle, drop_remainder=drop_remainder
+            global_batch=global_batch,
+            epoch=epoch,
+            shuffle=shuffle,
+            drop_remainder=drop_remainder,
+            start=start,
         )
 
 
@@ -150,8 +156,11 @@ def backbone_digest(variables) -> str:
 
 
 def split_digest(split, report: dict) -> str:
-    """The split's content: its pixels and labels when in memory, else its source report
+    """The split's content: its pixels and labels when in memory; the digest of a mapped or
+    streamed split (which entry, which examples: nothing read); else its source report
     (without where its image cache lives or whether this run built it)."""
+    if getattr(split, "digest", None):
+        return split.digest
     images = getattr(split, "images", None)
     if images is None:
         source = json.dumps(

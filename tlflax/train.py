@@ -4,7 +4,6 @@ factories; the run it trains is built by tlflax/experiment.py."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import re
@@ -367,6 +366,7 @@ def train_and_evaluate(config, workdir, *, record: dict | None = None) -> dict:
     st, shardings = experiment.init_or_restore(config, run, ckpt, cache_dir=cache_dir)
     experiment.log_layout(run, st.params, shardings.params)
     record = {**(record or {}), "resumed_at_step": int(jax.device_get(st.step))}
+    _check_data_position(ckpt, run, record["resumed_at_step"])
     loop = _open_loop(config, run, ckpt, workdir, start_step=record["resumed_at_step"])
     try:
         result = train_phases(loop, st, shardings)
@@ -569,7 +569,8 @@ def _save(loop: Loop, step: int, st, val: Scores | None, *, phase) -> None:
     bn_train = phase.kind == "train" and loop.config.train.bn_mode == "train"
     check_finite_state(st, step, trainable=phase.trainable, bn_train=bn_train)
     loop.writer.flush()  # a remote metrics.jsonl is rewritten whole: up to this step
-    loop.ckpt.save(step, st, metrics=val.scalars() if val else None)
+    metrics = val.scalars() if val else None
+    loop.ckpt.save(step, st, metrics=metrics, data=data_position(loop.run, step))
 
 
 @jax.jit
@@ -600,14 +601,31 @@ def check_finite_state(st, step: int, *, trainable, bn_train: bool) -> None:
 
 def train_batches(split, run: Run, *, start_step: int):
     """Host batches of a train split (images, or their cached features) from start_step on,
-    epoch after epoch, without end."""
-    epoch, offset = divmod(start_step, run.steps_per_epoch)
-    for e in itertools.count(epoch):
-        batches = split.iterate(
-            global_batch=run.global_batch, epoch=e, shuffle=True, drop_remainder=True
-        )
-        # Resumed mid-epoch: an epoch's order depends only on (seed, epoch), so skip ahead.
-        yield from itertools.islice(batches, offset if e == epoch else 0, None)
+    epoch after epoch, without end. Resumed mid-epoch: an epoch's order depends only on
+    (seed, epoch), so the reader starts at the step's batch and reads none before it."""
+    return data.splits.train_batches(
+        split,
+        global_batch=run.global_batch,
+        steps_per_epoch=run.steps_per_epoch,
+        start_step=start_step,
+    )
+
+
+def data_position(run: Run, step: int) -> dict:
+    """Where the train split's reader stands after `step` steps (saved with checkpoints)."""
+    return data.splits.position(
+        run.datasets.train,
+        step=step,
+        steps_per_epoch=run.steps_per_epoch,
+        global_batch=run.global_batch,
+    )
+
+
+def _check_data_position(ckpt, run: Run, step: int) -> None:
+    """A resumed run reads from the position saved with its checkpoint; it warns (in the
+    log) when the data changed so that the position no longer means the same batches."""
+    if step:
+        data.splits.check_position(ckpt.data_position(step), data_position(run, step))
 
 
 def _val_scalars(result, *, prefix: str = "val/", **extra) -> dict:
@@ -631,13 +649,22 @@ def final_test(config, run: Run, workdir: epath.Path, ckpt, eval_fn):
         evaluate.write_reports(
             result,
             out_dir=workdir / f"eval_{name}_step{step}",
-            images=getattr(run.datasets.test, "images", None),
+            images=report_images(run.datasets.test),
             title=f"{config.model.name} step {step}, {name}",
         )
     log.info(
         "test split %s at step %d (best validation top-1): top-1 %.4f", name, step, result.top1
     )
     return name, step, result
+
+
+def report_images(split):
+    """The images the reports' grids show: the split's arrays (in memory or mapped), or,
+    for a streamed split that holds none, a reader of one record at a time."""
+    images = getattr(split, "images", None)
+    if images is None and hasattr(split, "image"):
+        return split.image
+    return images
 
 
 def split_dir_name(report: dict, default: str) -> str:
@@ -657,7 +684,7 @@ def _finish(config, run, workdir, scores, result: TrainResult, ckpt, wall, test,
         evaluate.write_reports(
             final,
             out_dir=workdir / "reports",
-            images=getattr(run.datasets.eval, "images", None),  # streamed splits keep none
+            images=report_images(run.datasets.eval),
             history=history,
             phase_switch_steps=[p.start_step for p in run.phases[1:]],
             title=config.model.name,

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from tlflax import fs
-from tlflax.data import digits, folder, splits
+from tlflax.data import cache, digits, folder, splits, storage, stream
 from tlflax.data.folder import DataError
 
 log = logging.getLogger("tlflax.data")
@@ -60,26 +60,25 @@ def build_datasets(
             f"build_datasets: need 0 < image_size <= resize, got {image_size}, {resize}"
         )
     cache_dir = str(cache_dir_of(data_config, workdir))
+    settings = storage.Settings.from_config(data_config)
     hosts = dict(process_index=process_index, process_count=process_count)
     source = data_config.source
     if source == "tfds":
-        from tlflax.data import tfds_source  # imports TensorFlow only when not cached
+        from tlflax.data import tfds_source  # imports TensorFlow only when it must
 
         class_names, train, evals, test, manifest = tfds_source.build(
-            data_config, resize=resize, seed=seed, cache_dir=cache_dir, **hosts
+            data_config, resize=resize, seed=seed, cache_dir=cache_dir, settings=settings, **hosts
         )
     elif source in ("folder", "digits"):
         parts = _folder_parts if source == "folder" else _digits_parts
-        *found, layout = parts(data_config, resize=resize, cache_dir=cache_dir)
+        *found, layout = parts(data_config, resize=resize, cache_dir=cache_dir, settings=settings)
         named = dict(zip(("train", "eval", "test"), found, strict=True))
         class_names = named["train"].class_names
         manifest = _manifest(data_config, named, layout)
         train, evals, test = (
             None
             if part is None
-            else splits.ArraySplit(
-                part.images, part.labels, name=name, seed=seed, names=part.names, **hosts
-            )
+            else split_of(part, name=name, seed=seed, settings=settings, **hosts)
             for name, part in named.items()
         )
     else:
@@ -113,6 +112,25 @@ def describe(datasets: Datasets, data_config) -> dict:
     }
 
 
+def split_of(part: folder.Part, *, name: str, seed: int, settings, **hosts):
+    """The split that batches a part's images: from arrays (in memory or mapped), or a
+    grain stream of its records."""
+    if isinstance(part.images, stream.Records):
+        return stream.RecordSplit(
+            part.images,
+            labels=part.labels,
+            names=part.names,
+            name=name,
+            seed=seed,
+            workers=settings.workers,
+            **hosts,
+        )
+    digest = part.images.digest() if isinstance(part.images, cache.MappedImages) else None
+    return splits.ArraySplit(
+        part.images, part.labels, name=name, seed=seed, names=part.names, digest=digest, **hosts
+    )
+
+
 def write_manifest(workdir, manifest: dict) -> epath.Path:
     path = fs.path(workdir, what="workdir") / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +147,7 @@ def cache_dir_of(data_config, workdir):
                    what="cache directory")  # fmt: skip
 
 
-def _folder_parts(config, *, resize: int, cache_dir):
+def _folder_parts(config, *, resize: int, cache_dir, settings):
     if not config.path:
         raise DataError("config.data.source='folder' needs config.data.path (the image root)")
     if fs.is_remote(config.path):
@@ -145,7 +163,7 @@ def _folder_parts(config, *, resize: int, cache_dir):
     load = dict(
         resize=resize,
         max_pixels=config.max_image_pixels,
-        workers=config.workers,
+        settings=settings,
         cache_dir=cache_dir,
     )
     train = folder.load_part(layout.train, class_names=None, split="train", **load)
@@ -276,19 +294,34 @@ def _carve(part: folder.Part, *, fraction: float, seed: int):
     train_idx, val_idx = splits.stratified_split(part.labels, fraction=fraction, seed=seed)
     report = dict(part.report, carved={"val_fraction": fraction, "split_seed": seed})
     val_report = {"carved_from": "train", "files": [str(n) for n in part.names[val_idx]]}
+    val_report["storage"] = part.report.get("storage")
     train, evals = (
-        folder.Part(part.images[idx], part.labels[idx], part.class_names, rep, part.names[idx])
+        folder.Part(
+            storage.take(part.images, idx),
+            part.labels[idx],
+            part.class_names,
+            rep,
+            part.names[idx],
+        )
         for idx, rep in ((train_idx, report), (val_idx, val_report))
     )
     return train, evals
 
 
-def _digits_parts(config, *, resize: int, cache_dir):
+def _digits_parts(config, *, resize: int, cache_dir, settings):
     if config.val_fraction == 0:
         raise DataError(
             "config.data.source='digits' has one split; set config.data.val_fraction (e.g. 0.2)"
         )
-    arrays = digits.load_digits_arrays(resize=resize, cache_dir=cache_dir)
+    mode, why = storage.choose(
+        settings, n_examples=digits.N_DIGITS, resize=resize, cache_dir=cache_dir, what="digits"
+    )
+    if mode == "stream":
+        raise DataError(
+            "config.data.source='digits' is 1,797 arrays from scikit-learn, with no files to "
+            "stream; use config.data.storage='memory' (or 'mmap', 'auto')"
+        )
+    arrays = digits.load_digits_arrays(resize=resize, cache_dir=cache_dir, mapped=mode == "mmap")
     report = {
         "n_files": int(len(arrays.labels)),
         "n_bad": 0,
@@ -296,6 +329,7 @@ def _digits_parts(config, *, resize: int, cache_dir):
         "ignored": [],
         "files_per_class": {},
         "cache": {"path": str(arrays.path), "status": arrays.status},
+        "storage": {"mode": mode, "why": why},
     }
     ids = np.asarray([f"sklearn_digits[{i}]" for i in range(len(arrays.labels))], dtype=str)
     whole = folder.Part(arrays.images, arrays.labels, list(digits.CLASS_NAMES), report, ids)

@@ -19,9 +19,11 @@ source counts and lists them instead of stopping.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import pickle
 import queue
+import struct
 import subprocess
 import sys
 import threading
@@ -81,9 +83,22 @@ def load_image(path, *, resize: int, max_pixels: int = Image.MAX_IMAGE_PIXELS) -
         raise BadImageError(path, "unreadable", str(e)) from e
     if size == 0:
         raise BadImageError(path, "empty_file", "0 bytes")
+    return _open_and_decode(path, path=path, resize=resize, max_pixels=max_pixels)
+
+
+def decode_bytes(data: bytes, *, name: str, resize: int, max_pixels: int) -> np.ndarray:
+    """An encoded image held in memory (a stream record, a TFDS example) -> uint8
+    (resize, resize, 3), decoded exactly as load_image decodes a file; `name` goes into
+    the BadImageError."""
+    if not data:
+        raise BadImageError(name, "empty_file", "0 bytes")
+    return _open_and_decode(io.BytesIO(data), path=name, resize=resize, max_pixels=max_pixels)
+
+
+def _open_and_decode(source, *, path, resize: int, max_pixels: int) -> np.ndarray:
     with _own_pixel_limit():
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 return _decode_open_image(img, path=path, resize=resize, max_pixels=max_pixels)
         except BadImageError:
             raise
@@ -153,6 +168,7 @@ def resize_centre_crop(img: Image.Image, *, resize: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- many files
 
 N_DECODED = 0  # files decoded by this process's decode_files (tests check cache reuse with it)
+STREAM_RECORD = struct.Struct("<i")  # a stream record: the label (int32), then the JPEG bytes
 
 
 def n_workers(requested: int) -> int:
@@ -177,6 +193,61 @@ def _decode_chunk(paths, resize, max_pixels):
     return images, bad
 
 
+def encode_jpeg(image: np.ndarray, *, quality: int) -> bytes:
+    """uint8 (S, S, 3) -> JPEG bytes, as a stream shard stores each image."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _encode_shard(paths, labels, resize, max_pixels, quality, out_path, skip=()):
+    """Worker: decode `paths` (those at the positions in `skip` are not touched: they crashed
+    a decoder) and write the good ones, re-encoded as JPEG at the stored size, as the records
+    of one ArrayRecord file; (good flags, [(position, reason, detail)] of the bad ones)."""
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(str(out_path), "group_size:1,uncompressed")
+    good, bad = [], []
+    try:
+        for i, (path, label) in enumerate(zip(paths, labels, strict=True)):
+            if i in skip:
+                good.append(False)
+                bad.append((i, "crashed_decoder", "the decoding process died on this file"))
+                continue
+            try:
+                image = load_image(path, resize=resize, max_pixels=max_pixels)
+            except BadImageError as e:
+                good.append(False)
+                bad.append((i, e.reason, e.detail))
+                continue
+            writer.write(STREAM_RECORD.pack(int(label)) + encode_jpeg(image, quality=quality))
+            good.append(True)
+    finally:
+        writer.close()
+    return good, bad
+
+
+_JOBS = {"decode": _decode_chunk, "shard": _encode_shard}
+
+
+def decode_chunks(paths, *, resize: int, max_pixels: int, workers: int, chunk: int = 0, ahead=0):
+    """(start, images, bad) per chunk of `paths`, in order, decoded over `workers` processes:
+    images[i] is uint8 (S, S, 3) or None for a bad file, bad holds (position, reason, detail).
+    ahead: chunks decoded ahead of the one awaited (0: all at once), which bounds the memory
+    a consumer that writes chunks as they come (the mmap cache) needs."""
+    global N_DECODED
+    paths = [str(p) for p in paths]
+    # Chunks: large enough to amortise the pipe, small enough that workers finish together.
+    chunk = chunk or int(np.clip(len(paths) // (8 * n_workers(workers)), 1, 32))
+    jobs = [
+        (start, "decode", (paths[start : start + chunk], resize, max_pixels))
+        for start in range(0, len(paths), chunk)
+    ]
+    for start, result in run_jobs(jobs, workers=workers, ahead=ahead):
+        N_DECODED += len(result[0])
+        yield start, *result
+
+
 def decode_files(paths, *, resize: int, max_pixels: int, workers: int, chunk: int = 0):
     """Decode `paths` over `workers` processes: (uint8 (n_good, S, S, 3), good mask, bad list).
 
@@ -185,53 +256,47 @@ def decode_files(paths, *, resize: int, max_pixels: int, workers: int, chunk: in
     are fresh interpreters that import only this module (see _WorkerPool), not forks of a
     process that may run JAX's threads.
     """
-    global N_DECODED
     paths = [str(p) for p in paths]
-    # Chunks: large enough to amortise the pipe, small enough that workers finish together.
-    chunk = chunk or int(np.clip(len(paths) // (8 * n_workers(workers)), 1, 32))
     out = np.empty((len(paths), resize, resize, 3), np.uint8)
     good = np.zeros(len(paths), bool)
     bad = []
-    jobs = [(start, paths[start : start + chunk]) for start in range(0, len(paths), chunk)]
-    for start, (images, chunk_bad) in _run_jobs(jobs, resize, max_pixels, workers):
+    chunks = decode_chunks(
+        paths, resize=resize, max_pixels=max_pixels, workers=workers, chunk=chunk
+    )
+    for start, images, chunk_bad in chunks:
         for i, image in enumerate(images):
             if image is not None:
                 out[start + i] = image
                 good[start + i] = True
         bad.extend((start + i, reason, detail) for i, reason, detail in chunk_bad)
-    N_DECODED += len(paths)
     bad = [{"path": paths[i], "reason": r, "detail": d} for i, r, d in sorted(bad)]
     return (out if good.all() else out[good]), good, bad
 
 
-def _run_jobs(jobs, resize: int, max_pixels: int, workers: int):
+def run_jobs(jobs, *, workers: int, ahead: int = 0):
+    """(key, result) of each (key, kind, args) job, in order: in this process (workers=1)
+    or over a pool of fresh interpreters (see _WorkerPool)."""
     workers = min(n_workers(workers), max(1, len(jobs)))
     if workers == 1:
-        for start, paths in jobs:
-            yield start, _decode_chunk(paths, resize, max_pixels)
+        for key, kind, args in jobs:
+            yield key, _JOBS[kind](*args)
         return
-    with _WorkerPool(workers) as pool:
-        yield from pool.run(jobs, resize=resize, max_pixels=max_pixels)
+    yield from _WorkerPool(workers).imap(jobs, ahead=ahead)
 
 
 class _WorkerPool:
-    """`n` Python processes decoding chunks sent over pipes.
+    """`n` Python processes running jobs (_JOBS) sent over pipes.
 
     Fresh interpreters (not multiprocessing's fork or spawn): forking a process that runs
     JAX's threads can deadlock, and spawn re-imports the caller's main script. A worker
-    that dies on a file (a crash inside a decoder) is replaced; its chunk is retried one file
+    that dies on a file (a crash inside a decoder) is replaced; its job is retried one file
     at a time so only the culprit is marked bad ('crashed_decoder').
     """
 
     def __init__(self, n: int):
         self.n = n
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or "." for p in sys.path))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        self.stop = threading.Event()
 
     def _start(self):
         return subprocess.Popen(
@@ -241,67 +306,95 @@ class _WorkerPool:
             env=self.env,
         )
 
-    def run(self, jobs, *, resize: int, max_pixels: int):
+    def imap(self, jobs, *, ahead: int = 0):
+        """(key, result) per job, in the jobs' order; at most `ahead` (0: all) jobs are
+        handed out beyond the one awaited."""
+        jobs = list(jobs)
         todo: queue.Queue = queue.Queue()
-        for job in jobs:
-            todo.put(job)
         done: queue.Queue = queue.Queue()
         threads = [
-            threading.Thread(target=self._drive, args=(todo, done, resize, max_pixels), daemon=True)
-            for _ in range(self.n)
+            threading.Thread(target=self._drive, args=(todo, done), daemon=True)
+            for _ in range(min(self.n, len(jobs)))
         ]
         for thread in threads:
             thread.start()
-        for _ in range(len(jobs)):
-            item = done.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-        for thread in threads:
-            thread.join()
+        sent, held = 0, {}
+        try:
+            for i in range(len(jobs)):
+                while sent < len(jobs) and (not ahead or sent <= i + ahead):
+                    todo.put((sent, jobs[sent]))
+                    sent += 1
+                while i not in held:
+                    item = done.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    held[item[0]] = item[1]
+                yield jobs[i][0], held.pop(i)
+        finally:
+            self.stop.set()
+            for _ in threads:
+                todo.put(None)
+            for thread in threads:
+                thread.join()
 
-    def _drive(self, todo, done, resize, max_pixels):
+    def _drive(self, todo, done):
         worker = None
         try:
-            while True:
-                try:
-                    start, paths = todo.get_nowait()
-                except queue.Empty:
+            while not self.stop.is_set():
+                item = todo.get()
+                if item is None:
                     return
+                index, (_, kind, args) = item
                 worker = worker or self._start()
                 try:
-                    pickle.dump((paths, resize, max_pixels), worker.stdin)
+                    pickle.dump((kind, args), worker.stdin)
                     worker.stdin.flush()
-                    done.put([(start, pickle.load(worker.stdout))])
+                    done.put((index, pickle.load(worker.stdout)))
                 except (EOFError, OSError, pickle.UnpicklingError):
                     worker.kill()
                     worker.wait()
                     worker = None
-                    done.put(self._after_crash(start, paths, resize, max_pixels))
-        except BaseException as e:  # surfaced in run(), not lost in this thread
+                    done.put((index, _after_crash(kind, args)))
+        except BaseException as e:  # surfaced in imap(), not lost in this thread
             done.put(e)
         finally:
             if worker is not None:
                 worker.stdin.close()
                 worker.wait()
 
-    def _after_crash(self, start, paths, resize, max_pixels):
-        if len(paths) > 1:  # retry singly in a fresh pool of one to find the culprit
-            singles = [(start + i, [p]) for i, p in enumerate(paths)]
-            return list(_WorkerPool(1).run(singles, resize=resize, max_pixels=max_pixels))
-        crash = (0, "crashed_decoder", "the decoding process died on this file")
-        return [(start, ([None], [crash]))]
+
+def _after_crash(kind: str, args):
+    """The result of a job whose worker died: each file is decoded alone in a fresh worker,
+    and those that kill it too are marked 'crashed_decoder' (a shard is then written again
+    without them)."""
+    if kind == "shard":
+        paths, _, resize, max_pixels, *_, skip = args
+        if skip:  # it died again without the culprits: not a file's fault
+            raise RuntimeError(f"a decode worker died twice writing {args[5]}")
+    else:
+        paths, resize, max_pixels = args
+        if len(paths) == 1:
+            return [None], [(0, "crashed_decoder", "the decoding process died on this file")]
+    singles = [(i, "decode", ([p], resize, max_pixels)) for i, p in enumerate(paths)]
+    alone = dict(_WorkerPool(1).imap(singles))
+    if kind == "shard":
+        crashed = {i for i, (_, bad) in alone.items() if bad and bad[0][1] == "crashed_decoder"}
+        ((_, result),) = _WorkerPool(1).imap([(0, "shard", (*args[:6], crashed))])
+        return result
+    images = [alone[i][0][0] for i in range(len(paths))]
+    bad = [(i, *alone[i][1][0][1:]) for i in range(len(paths)) if alone[i][1]]
+    return images, bad
 
 
 def _serve() -> None:
-    """Worker loop: pickled (paths, resize, max_pixels) in, _decode_chunk's result out."""
+    """Worker loop: pickled (kind, args) in, _JOBS[kind](*args) out."""
     reply = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
     requests = sys.stdin.buffer
     while True:
         try:
-            paths, resize, max_pixels = pickle.load(requests)
+            kind, args = pickle.load(requests)
         except EOFError:
             return
-        pickle.dump(_decode_chunk(paths, resize, max_pixels), reply, protocol=5)
+        pickle.dump(_JOBS[kind](*args), reply, protocol=5)
         reply.flush()

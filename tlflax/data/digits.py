@@ -5,16 +5,20 @@ The offline demo dataset: no download, 10 classes, upscaled (bicubic) to S x S g
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from PIL import Image
 
 from tlflax.data import cache
 
 CLASS_NAMES = [str(d) for d in range(10)]
+N_DIGITS = 1797  # sklearn.datasets.load_digits
 
 
-def load_digits_arrays(*, resize: int, cache_dir) -> cache.CachedArrays:
-    """All 1,797 digits as uint8 (n, resize, resize, 3), cached like a decoded folder."""
+def load_digits_arrays(*, resize: int, cache_dir, mapped: bool = False) -> cache.CachedArrays:
+    """All 1,797 digits as uint8 (n, resize, resize, 3), cached like a decoded folder;
+    mapped: memory-mapped from the cache (data.storage='mmap')."""
     try:
         import sklearn
         from sklearn.datasets import load_digits
@@ -24,7 +28,7 @@ def load_digits_arrays(*, resize: int, cache_dir) -> cache.CachedArrays:
         ) from e
     key = cache.key_of({"kind": "digits", "sklearn": sklearn.__version__, "resize": resize})
     path = cache.entry_path(cache_dir, kind="digits", name="sklearn_digits", key=key)
-    cached = cache.load(path)
+    cached = cache.load(path, mapped=mapped)
     if cached is not None:
         return cached
     bunch = load_digits()
@@ -33,7 +37,8 @@ def load_digits_arrays(*, resize: int, cache_dir) -> cache.CachedArrays:
     images = np.stack([_upscale(image, resize) for image in grey])
     meta = {"source": "sklearn.datasets.load_digits", "class_names": CLASS_NAMES, "bad": []}
     meta.update(n_files=len(images), ignored=[])
-    return cache.save(path, images=images, labels=bunch.target.astype(np.int32), meta=meta)
+    saved = cache.save(path, images=images, labels=bunch.target.astype(np.int32), meta=meta)
+    return dataclasses.replace(cache.load(path, mapped=True), status="built") if mapped else saved
 
 
 def _upscale(grey: np.ndarray, resize: int) -> np.ndarray:

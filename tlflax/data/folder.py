@@ -10,12 +10,13 @@ do not depend on the file system's listing order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 
 import numpy as np
 
-from tlflax.data import cache, decode
+from tlflax.data import cache, decode, storage
 from tlflax.errors import UserError
 
 
@@ -37,7 +38,7 @@ class Listing:
 class Part:
     """Decoded images of one folder with labels in the dataset's class order."""
 
-    images: np.ndarray
+    images: object  # uint8 array, cache.MappedImages (mmap) or stream.Records (stream)
     labels: np.ndarray  # int32 index into class_names
     class_names: list[str]  # the dataset's classes (the training folder's)
     report: dict  # what the manifest says about this folder
@@ -81,31 +82,55 @@ def _walk_files(root: str, class_name: str, ignored: list):
 
 
 def decode_listing(
-    listing: Listing, *, resize: int, max_pixels: int, workers: int, cache_dir
+    listing: Listing, *, mode: str, settings, resize: int, max_pixels: int, cache_dir
 ) -> cache.CachedArrays:
-    """The folder's images as uint8 arrays, from the cache when nothing changed."""
-    key = cache.key_of(
-        {
-            "kind": "folder",
-            "directory": str(listing.directory.resolve()),
-            "class_names": listing.class_names,
-            "files": listing.files,
-            "labels": listing.labels.tolist(),
-            "stats": listing.stats,
-            "resize": resize,
-            "max_pixels": max_pixels,
-            "decode": decode.DECODE_VERSION,
-        }
-    )
-    path = cache.entry_path(cache_dir, kind="folder", name=str(listing.directory), key=key)
-    cached = cache.load(path)
+    """The folder's images in storage `mode` (storage.py), from the cache when nothing
+    changed: uint8 arrays (memory), mapped arrays (mmap; the same entry as memory's), or
+    JPEG records (stream)."""
+    path = _entry_path(
+        listing, mode=mode, settings=settings, resize=resize, max_pixels=max_pixels,
+        cache_dir=cache_dir,
+    )  # fmt: skip
+    cached = storage.load_folder_entry(path, mode=mode)
     if cached is not None:
         return cached
     full = [listing.directory / f for f in listing.files]
+    meta_fn = functools.partial(_meta, listing)
+    write = dict(path=path, resize=resize, max_pixels=max_pixels, meta_fn=meta_fn)
+    if mode == "stream":
+        return storage.write_folder_records(full, listing.labels, settings=settings, **write)
+    if mode == "mmap":
+        return storage.write_folder_arrays(full, listing.labels, workers=settings.workers, **write)
     images, good, bad = decode.decode_files(
-        full, resize=resize, max_pixels=max_pixels, workers=workers
+        full, resize=resize, max_pixels=max_pixels, workers=settings.workers
     )
-    meta = {
+    return cache.save(path, images=images, labels=listing.labels[good], meta=meta_fn(good, bad))
+
+
+def _entry_path(listing: Listing, *, mode, settings, resize, max_pixels, cache_dir):
+    """The entry's place in the cache: a hash of everything its content depends on."""
+    parts = {
+        "kind": "folder",
+        "directory": str(listing.directory.resolve()),
+        "class_names": listing.class_names,
+        "files": listing.files,
+        "labels": listing.labels.tolist(),
+        "stats": listing.stats,
+        "resize": resize,
+        "max_pixels": max_pixels,
+        "decode": decode.DECODE_VERSION,
+    }
+    if mode == "stream":  # records, not arrays: an entry of their own
+        parts.update(stream=storage.STREAM_VERSION, quality=settings.jpeg_quality,
+                     shard_images=settings.shard_images)  # fmt: skip
+    kind = "stream" if mode == "stream" else "folder"
+    key = cache.key_of(parts)
+    return cache.entry_path(cache_dir, kind=kind, name=str(listing.directory), key=key)
+
+
+def _meta(listing: Listing, good, bad) -> dict:
+    """An entry's meta.json: its classes, the files decoded (good) and those that were not."""
+    return {
         "directory": str(listing.directory),
         "class_names": listing.class_names,
         "n_files": len(listing.files),
@@ -113,7 +138,6 @@ def decode_listing(
         "bad": bad,
         "ignored": listing.ignored,
     }
-    return cache.save(path, images=images, labels=listing.labels[good], meta=meta)
 
 
 def load_part(
@@ -123,14 +147,19 @@ def load_part(
     split: str,
     resize: int,
     max_pixels: int,
-    workers: int,
+    settings,
     cache_dir,
 ) -> Part:
-    """One folder decoded, its labels mapped to `class_names` (None: its own classes)."""
+    """One folder in the storage mode its size asks for (storage.choose), its labels mapped
+    to `class_names` (None: its own classes)."""
     listing = list_folder(directory)
-    arrays = decode_listing(
-        listing, resize=resize, max_pixels=max_pixels, workers=workers, cache_dir=cache_dir
+    mode, why = storage.choose(
+        settings, n_examples=len(listing.files), resize=resize, cache_dir=cache_dir, what=split
     )
+    arrays = decode_listing(
+        listing, mode=mode, settings=settings, resize=resize, max_pixels=max_pixels,
+        cache_dir=cache_dir,
+    )  # fmt: skip
     own = arrays.meta["class_names"]
     if class_names is None:
         class_names = own
@@ -142,17 +171,24 @@ def load_part(
         )
     remap = np.asarray([class_names.index(name) for name in own], np.int32)
     labels = remap[arrays.labels] if len(own) else arrays.labels
-    report = {
+    report = _report(directory, arrays, listing, split=split, storage={"mode": mode, "why": why})
+    names = np.asarray([os.path.join(str(directory), f) for f in arrays.meta["files"]], dtype=str)
+    return Part(arrays.images, labels.astype(np.int32), list(class_names), report, names)
+
+
+def _report(directory, arrays: cache.CachedArrays, listing: Listing, *, split, storage) -> dict:
+    """What the manifest says about one folder."""
+    own = arrays.meta["class_names"]
+    return {
         "folder": str(directory),
         "n_files": arrays.meta["n_files"],
-        "n_images": int(len(labels)),
+        "n_images": int(len(arrays.labels)),
         "n_bad": len(arrays.meta["bad"]),
         "bad": [{"split": split, **b} for b in arrays.meta["bad"]],
         "ignored": [{"split": split, **i} for i in arrays.meta["ignored"]],
         "cache": {"path": str(arrays.path), "status": arrays.status},
+        "storage": storage,
         "files_per_class": dict(
             zip(own, np.bincount(listing.labels, minlength=len(own)).tolist(), strict=True)
         ),
     }
-    names = np.asarray([os.path.join(str(directory), f) for f in arrays.meta["files"]], dtype=str)
-    return Part(arrays.images, labels.astype(np.int32), list(class_names), report, names)
