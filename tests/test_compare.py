@@ -19,7 +19,8 @@ PHASES = ("linear_probe", "finetune")
 
 def write_run(
     workdir, *, top1, seed: int, overrides: dict, config=None, wall=60.0, steps=(4, 8),
-    images_per_sec=(5.0, 100.0, 120.0), last_step=None,
+    images_per_sec=(5.0, 100.0, 120.0), finetune_images_per_sec=(9.0, 10.0, 11.0),
+    last_step=None,
 ):  # fmt: skip
     """A run's files as tlflax train leaves them: top1 per phase (None: not finished)."""
     workdir.mkdir(parents=True)
@@ -29,9 +30,15 @@ def write_run(
     groups = f"phase {PHASES[0]} (steps 0..{steps[0]}):\nx\n\nphase {PHASES[1]} (steps "
     (workdir / "optimizer_groups.txt").write_text(groups + f"{steps[0]}..{steps[1]}):\ny\n")
     records = [{"step": i + 1, "train/images_per_sec": r} for i, r in enumerate(images_per_sec)]
+    records += [  # the second phase's, from its first step on
+        {"step": steps[0] + i + 1, "train/images_per_sec": r}
+        for i, r in enumerate(finetune_images_per_sec)
+        if last_step is None or steps[0] + i + 1 <= last_step
+    ]
     for end, value in zip(steps, top1 or [0.5], strict=False):
         if last_step is None or end <= last_step:
             records.append({"step": end, "val/top1": value, "epoch": end / 4})
+    records.sort(key=lambda r: r["step"])  # as a run writes them (a step back: a resume)
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if top1 is None:
         return
@@ -86,17 +93,18 @@ def test_rows_pool_the_seeds_with_mean_std_n_best_and_phases(sweep_root):
     assert first["best"] == (0.94, 1)
     assert first["phases"]["linear_probe"][0] == pytest.approx(0.80)
     assert first["wall_time_s"] == pytest.approx(61.0)
-    assert first["images_per_sec"] == pytest.approx(100.0)  # each run's median, then the mean
+    # Per phase: each run's median over the phase's logging intervals, then the mean.
+    assert first["images_per_sec"] == pytest.approx({"linear_probe": 100.0, "finetune": 10.0})
     assert rows["1e-4"]["n"] == 2 and rows["1e-4"]["status"] == {"done": 2, "failed": 1}
     assert rows["1e-5"]["n"] == 0 and rows["1e-5"]["status"] == {"running": 1, "pending": 1}
     lines = result.markdown.splitlines()
     assert lines[0] == (
         "| optim.lr | n | val/top1 (mean ± std) | best (seed) | after linear_probe | "
-        "after finetune | wall time | images/s | runs |"
+        "after finetune | wall time | images/s (linear_probe / finetune) | runs |"
     )
     assert lines[2] == (
         "| 1e-3 | 3 | **92.00 ± 2.00 %** | 94.00 % (1) | 80.00 ± 2.00 % | 92.00 ± 2.00 % | "
-        "1.0 min | 100.0 | 3 done |"
+        "1.0 min | 100.0 / 10.0 | 3 done |"
     )
     assert lines[3].startswith("| 1e-4 | 2 | 80.00 ± 7.07 % | 85.00 % (1) |")
     assert lines[3].endswith("| 2 done, 1 failed |")

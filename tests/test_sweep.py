@@ -415,7 +415,7 @@ def _metric_columns(table: str) -> list[list[str]]:
     """The table's cells but wall time and images/s (those of the process that finished)."""
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
     head = rows[0]
-    drop = {head.index("wall time"), head.index("images/s")}
+    drop = {head.index("wall time")} | {i for i, c in enumerate(head) if c.startswith("images/s")}
     return [[c for i, c in enumerate(r) if i not in drop] for r in rows]
 
 

@@ -8,10 +8,12 @@ workdirs the keys are the config keys whose values differ between them.
 
 Per row: the metric's mean +- std over the finished runs (the sample standard deviation,
 n - 1; none for n = 1) and n, the best run's value and seed, each phase's validation
-top-1 at its end (mean +- std), the wall time (mean) and the training images/s (each run's
-median over its logging intervals, then the mean). Runs that failed, still run, were
-stopped or never started are counted in the row's status, and listed under the table with
-their error or the step they reached: never silently dropped.
+top-1 at its end (mean +- std), the wall time (mean) and each phase's training images/s
+(each run's median over the phase's logging intervals, then the mean: a probe on cached
+features and a fine-tuning of the same run differ a thousandfold, and are not pooled).
+Runs that failed, still run, were stopped or never started are counted in the row's
+status, and listed under the table with their error or the step they reached: never
+silently dropped.
 
 Written to --out (default: the first input's compare/): compare.md (the table, printed
 too), compare.csv (a row per point, full precision), runs.csv (a row per run),
@@ -69,6 +71,7 @@ class RunInfo:
     total_steps: int | None
     steps_per_epoch: int | None
     switches: list[int]  # steps where a phase starts (after the first)
+    phase_steps: list[tuple[str, int, int]]  # (phase, first step, last step) of each phase
 
     @property
     def seed(self):
@@ -78,10 +81,18 @@ class RunInfo:
     def last_step(self) -> int:
         return max((h["step"] for h in self.history), default=0)
 
-    def images_per_sec(self) -> float | None:
-        """The median over logging intervals: the first (compilation) does not skew it."""
-        rates = [h["train/images_per_sec"] for h in self.history if "train/images_per_sec" in h]
-        return statistics.median(rates) if rates else None
+    def images_per_sec(self) -> dict[str, float]:
+        """Per phase, the median training images/s over its logging intervals (the one with
+        the step's compilation does not skew it); an interval logged at step s belongs to
+        the phase whose steps hold s."""
+        rates: dict[str, list[float]] = {}
+        for h in self.history:
+            if "train/images_per_sec" not in h:
+                continue
+            phase = next((n for n, a, b in self.phase_steps if a < h["step"] <= b), None)
+            if phase is not None:
+                rates.setdefault(phase, []).append(h["train/images_per_sec"])
+        return {name: statistics.median(values) for name, values in rates.items()}
 
 
 @dataclasses.dataclass
@@ -163,6 +174,7 @@ def read_run(workdir: epath.Path, *, overrides=None, label=None) -> RunInfo:
         status = "done"
     else:
         status = "running" if history else "pending"
+    phases = _phase_steps(workdir)
     return RunInfo(
         workdir=workdir,
         overrides=dict(overrides),
@@ -174,7 +186,8 @@ def read_run(workdir: epath.Path, *, overrides=None, label=None) -> RunInfo:
         history=history,
         total_steps=info.get("total_steps"),
         steps_per_epoch=info.get("steps_per_epoch"),
-        switches=_phase_switches(workdir),
+        switches=[start for _, start, _ in phases if start > 0],
+        phase_steps=phases,
     )
 
 
@@ -195,14 +208,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _phase_switches(workdir: epath.Path) -> list[int]:
-    """The start steps of every phase but the first (WORKDIR/optimizer_groups.txt)."""
+def _phase_steps(workdir: epath.Path) -> list[tuple[str, int, int]]:
+    """(name, first step, last step) of each phase (WORKDIR/optimizer_groups.txt)."""
     try:
         text = (workdir / "optimizer_groups.txt").read_text()
     except OSError:
         return []
-    starts = [int(m) for m in re.findall(r"^phase .*? \(steps (\d+)\.\.\d+\):", text, re.M)]
-    return [s for s in starts if s > 0]
+    found = re.findall(r"^phase (\S+) .*?\(steps (\d+)\.\.(\d+)\):", text, re.M)
+    return [(name, int(a), int(b)) for name, a, b in found]
 
 
 def varied_keys(runs: list[RunInfo]) -> list[str]:
@@ -276,7 +289,7 @@ def make_rows(runs: list[RunInfo], *, keys: list[str], metric: str) -> list[dict
                 "phases": _phase_stats(done),
                 "wall_time_s": _mean([r.summary["wall_time_s"] for r in done]),
                 "resumed": any(r.summary.get("resumed_at_step") for r in done),
-                "images_per_sec": _mean([r.images_per_sec() for r in done]),
+                "images_per_sec": _phase_means([r.images_per_sec() for r in done]),
                 "status": _status_counts(members),
             }
         )
@@ -292,6 +305,12 @@ def _phase_stats(done: list[RunInfo]) -> dict:
         name: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None, v)
         for name, v in per_phase.items()
     }
+
+
+def _phase_means(per_run: list[dict]) -> dict:
+    """{phase: the mean over runs} of per-run {phase: value} dicts."""
+    names = dict.fromkeys(name for values in per_run for name in values)
+    return {name: _mean([values.get(name) for values in per_run]) for name in names}
 
 
 def _mean(values) -> float | None:
@@ -330,7 +349,8 @@ def _duration(seconds) -> str:
 def to_markdown(rows, *, keys, metric, phases, runs) -> str:
     percent = is_percent(metric)
     head = [*keys, "n", f"{metric} (mean ± std)", "best (seed)"]
-    head += [f"after {p}" for p in phases] + ["wall time", "images/s", "runs"]
+    rates = "images/s" + (f" ({' / '.join(phases)})" if len(phases) > 1 else "")
+    head += [f"after {p}" for p in phases] + ["wall time", rates, "runs"]
     top = _best_row(rows, metric)
     lines = [_md_line(head), _md_line(["---"] * len(head))]
     for i, row in enumerate(rows):
@@ -344,10 +364,15 @@ def to_markdown(rows, *, keys, metric, phases, runs) -> str:
             stat = row["phases"].get(p)
             cells.append(fmt_stat(stat[0], stat[1], percent=True) if stat else "-")
         wall = _duration(row["wall_time_s"]) + (" (resumed)" if row["resumed"] else "")
-        rate = row["images_per_sec"]
-        cells += [wall, "-" if rate is None else f"{rate:.1f}", _status_text(row["status"])]
+        rates = row["images_per_sec"]
+        rate = " / ".join(_rate(rates.get(p)) for p in phases) if rates else "-"
+        cells += [wall, rate, _status_text(row["status"])]
         lines.append(_md_line(cells))
     return "\n".join(lines + _notes(runs))
+
+
+def _rate(images_per_sec) -> str:
+    return "-" if images_per_sec is None else f"{images_per_sec:.1f}"
 
 
 def _best_row(rows, metric) -> int | None:
@@ -396,7 +421,8 @@ def point_records(rows, keys, phases) -> list[dict]:
             record[f"{p}/val/top1_mean"] = stat[0] if stat else None
             record[f"{p}/val/top1_std"] = stat[1] if stat else None
         record["wall_time_s_mean"] = row["wall_time_s"]
-        record["images_per_sec_mean"] = row["images_per_sec"]
+        for p in phases:
+            record[f"{p}/images_per_sec_mean"] = row["images_per_sec"].get(p)
         for status in ("done", "running", "submitted", "stopped", "failed", "pending"):
             record[f"n_{status}"] = row["status"].get(status, 0)
         records.append(record)
@@ -414,7 +440,8 @@ def run_records(runs, keys, metric, phases) -> list[dict]:
         record.update({f"{p}/val/top1": tops.get(p) for p in phases})
         record["wall_time_s"] = run.summary["wall_time_s"] if run.summary else None
         record["resumed_at_step"] = (run.summary or {}).get("resumed_at_step")
-        record["images_per_sec"] = run.images_per_sec()
+        rates = run.images_per_sec()
+        record.update({f"{p}/images_per_sec": rates.get(p) for p in phases})
         record["last_step"], record["error"] = run.last_step, run.error
         records.append(record)
     return records
