@@ -1,13 +1,16 @@
 """Training / eval step throughput, MFU and memory: tlflax against PyTorch (timm).
 
     .venv/bin/python benchmarks/throughput.py                     # the GPU run (defaults)
+    .venv/bin/python benchmarks/throughput.py --preset cpu        # the CPU table (issue 16)
     .venv/bin/python benchmarks/throughput.py --models resnet_tiny,vit_tiny,efficientnet_lite_tiny \
         --resolution 32 --batch-sizes 4 --steps 2 --no-torch-compile        # a CPU smoke run
 
-For each model (`name` at --resolution, or `name@px`), batch size and step kind - `full`,
+For each model (`name` at --resolution, or `name@px`; `name@px:32/64` gives it its own
+batch sizes instead of --batch-sizes), batch size and step kind - `full`,
 `last_k` (k=1), `linear_probe` (frozen backbone) and `eval` - it builds the trainer's own
 step (tlflax.train: make_train_step through _jit_train_step, make_eval_fn, a phase from
-optim.make_phases with SGD; bf16 compute, fp32 params; BatchNorm as the base config's
+optim.make_phases with SGD; fp32 params, --compute-dtype compute: auto is bfloat16 on an
+accelerator, float32 on the CPU, the same on both sides; BatchNorm as the base config's
 train.bn_mode) and times it twice on one device:
   synthetic  the same uint8 batch, already on the device, every step;
   input      tlflax's input path: uint8 arrays in an ArraySplit, shuffled and gathered on
@@ -29,9 +32,14 @@ peak_bytes_in_use (a running peak of the whole process: JAX cannot reset it).
 The PyTorch baseline (--torch) runs first, in a child process, so that neither framework
 holds device memory the other needs: timm's resnet50, vit_base_patch16_224 (img_size=px)
 and tf_efficientnet_lite0 with the same trainable parameters per step kind, channels_last,
-bf16 autocast, SGD with the same momentum, the same crop / flip / normalisation on the
-device, BatchNorm frozen as tlflax's; torch.compile with --torch-compile. The tiny tlflax
-models have no PyTorch twin: their torch columns stay empty.
+bf16 autocast when the compute is bfloat16, SGD with the same momentum, the same crop /
+flip / normalisation on the device, BatchNorm frozen as tlflax's; torch.compile with
+--torch-compile. The tiny tlflax models have no PyTorch twin: their torch columns stay
+empty.
+
+--preset cpu: Lite0 (batch 32), ResNet-50 and ViT-B/16 (batch 16) at 224 px, every step
+kind, float32 compute, torch without compile (on the machine's cores), 3 timed steps after
+one warm-up step; flags given after it override it.
 
 Prints a table and one JSON line starting with 'RESULT '.
 """
@@ -39,6 +47,7 @@ Prints a table and one JSON line starting with 'RESULT '.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -67,6 +76,16 @@ TORCH_MODELS = {
     "vit_b16": ("vit_base_patch16_224", ("blocks.11.", "norm.")),
     "efficientnet_lite0": ("tf_efficientnet_lite0", ("conv_head.", "bn2.")),
 }
+PRESETS = {
+    "cpu": {
+        "models": "efficientnet_lite0@224:32,resnet50@224:16,vit_b16@224:16",
+        "compute_dtype": "float32",
+        "steps": 3,
+        "warmup": 1,
+        "torch_compile": False,
+    },
+}
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 STEPS_PER_EPOCH = 1000  # any value: the constant schedule makes the step the same
 GIB = 2.0**30
 
@@ -89,11 +108,30 @@ def parse_args(argv=None):
         "'a': proportional to the batch")  # fmt: skip
     add("--torch", action=argparse.BooleanOptionalAction, default=True)
     add("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
+    add(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        default="auto",
+        help="both sides' compute (params stay fp32); auto: float32 on the CPU, else bfloat16",
+    )
+    add(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="",
+        help="a set of defaults (cpu: the CPU table); other flags override it",
+    )
     add("--out", default="", help="also write the JSON here")
     add("--worker", choices=("torch",), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
-    args.entries = [_entry(text, args.resolution) for text in args.models.split(",") if text]
+    if args.preset:  # the preset's values as defaults, then the flags given again over them
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    if args.compute_dtype == "auto":  # resolved here: the torch child's JAX is CPU-only
+        args.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     args.batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    args.entries = [
+        _entry(text, args.resolution, args.batches) for text in args.models.split(",") if text
+    ]
     args.kind_list = [k for k in args.kinds.split(",") if k]
     args.flops_points = [int(b) for b in args.flops_batches.split(",") if b]
     unknown = sorted(set(args.kind_list) - set(KINDS))
@@ -103,20 +141,25 @@ def parse_args(argv=None):
     return args
 
 
-def _entry(text: str, default_px: int) -> tuple[str, int]:
-    name, _, px = text.strip().partition("@")
-    return name, int(px) if px else default_px
+def _entry(text: str, default_px: int, default_batches: list[int]):
+    """'name[@px][:b1/b2]' -> (name, px, batch sizes)."""
+    text, _, batches = text.strip().partition(":")
+    name, _, px = text.partition("@")
+    sizes = [int(b) for b in batches.split("/") if b] if batches else list(default_batches)
+    return name, int(px) if px else default_px, sizes
 
 
 # ----------------------------------------------------------------------------- tlflax setup
 
 
-def make_config(name: str, *, px: int, batch: int, kind: str, num_classes: int):
+def make_config(
+    name: str, *, px: int, batch: int, kind: str, num_classes: int, compute_dtype="bfloat16"
+):
     """The base config with only what the benchmark fixes; everything else stays default."""
     config = config_lib.get_base_config()
     config.model.name = name
     config.model.num_classes = num_classes
-    config.model.compute_dtype = "bfloat16"
+    config.model.compute_dtype = compute_dtype
     config.data.image_size = px
     config.data.batch_size = batch
     config.optim.name = "sgd"
@@ -287,7 +330,10 @@ def device_peak_bytes(device) -> int | None:
 
 def measure_tlflax(args, flops: FlopCounter, case: dict, host_vars, split: data.ArraySplit):
     name, px, batch, kind = case["model"], case["px"], case["batch"], case["step"]
-    config = make_config(name, px=px, batch=batch, kind=kind, num_classes=args.num_classes)
+    config = make_config(
+        name, px=px, batch=batch, kind=kind, num_classes=args.num_classes,
+        compute_dtype=args.compute_dtype,
+    )  # fmt: skip
     run = make_run(config, devices=jax.devices())
     fn, (first, device_batch) = step_and_args(config, run, kind, host_vars, host_batch(run, batch))
     start = time.perf_counter()
@@ -326,11 +372,14 @@ def count_trainable(phase, params) -> int:
 def tlflax_rows(args) -> list[dict]:
     flops = FlopCounter(args.flops_points)
     rows = []
-    for name, px in args.entries:
-        config = make_config(name, px=px, batch=1, kind="full", num_classes=args.num_classes)
+    for name, px, batches in args.entries:
+        config = make_config(
+            name, px=px, batch=1, kind="full", num_classes=args.num_classes,
+            compute_dtype=args.compute_dtype,
+        )  # fmt: skip
         run = make_run(config, devices=jax.devices())
         host_vars = jax.device_get(run.spec.init(jax.random.key(0), px))  # reused by every row
-        for batch in args.batches:
+        for batch in batches:
             split = cached_split(run, batch * (args.warmup + args.steps))  # one epoch per row
             for kind in args.kind_list:
                 row = {"model": name, "px": px, "batch": batch, "step": kind}
@@ -364,8 +413,8 @@ def torch_rows(args) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for name, px in args.entries:
-        for batch, kind in itertools.product(args.batches, args.kind_list):
+    for name, px, batches in args.entries:
+        for batch, kind in itertools.product(batches, args.kind_list):
             row = {"model": name, "px": px, "batch": batch, "step": kind}
             row.update(_guarded(measure_torch, args, name, px, batch, kind, device))
             log(row)
@@ -432,12 +481,17 @@ def torch_transform(prep, *, device, train_mode: bool):
     return transform
 
 
-def torch_step_fn(model, kind: str, *, params, transform, device):
+def torch_step_fn(model, kind: str, *, params, transform, device, compute_dtype: str):
     import torch
     import torch.nn.functional as F
 
     base = config_lib.get_base_config().optim
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def autocast():  # bf16 compute as tlflax's compute_dtype; float32: plain fp32
+        if compute_dtype == "bfloat16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     if kind == "eval":
 
         @torch.inference_mode()
@@ -467,7 +521,10 @@ def measure_torch(args, name: str, px: int, batch: int, kind: str, device) -> di
 
     torch._dynamo.reset()  # a fresh graph per row (requires_grad changes the guards) ...
     gc.collect()  # ... and the previous row's model gone before this row's peak is read
-    config = make_config(name, px=px, batch=batch, kind=kind, num_classes=args.num_classes)
+    config = make_config(
+        name, px=px, batch=batch, kind=kind, num_classes=args.num_classes,
+        compute_dtype=args.compute_dtype,
+    )  # fmt: skip
     prep = experiment.resolve_preprocessing(config, experiment.build_model(config, num_classes=1))
     model = torch_model(name, px=px, num_classes=args.num_classes, device=device)
     params = torch_trainable(model, name, kind)
@@ -475,7 +532,10 @@ def measure_torch(args, name: str, px: int, batch: int, kind: str, device) -> di
     if args.torch_compile:
         model = torch.compile(model)
     transform = torch_transform(prep, device=device, train_mode=kind != "eval")
-    step = torch_step_fn(model, kind, params=params, transform=transform, device=device)
+    step = torch_step_fn(
+        model, kind, params=params, transform=transform, device=device,
+        compute_dtype=args.compute_dtype,
+    )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     shape = (batch, prep.resize, prep.resize, 3)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).to(device)
@@ -513,13 +573,17 @@ def time_torch(step, images, labels, *, args, device) -> tuple[float, float]:
 
 def run_torch_child(args) -> dict:
     """The baseline in its own process, before this one's JAX takes the device."""
-    entries = [f"{n}@{px}" for n, px in args.entries if n in TORCH_MODELS]
+    entries = [
+        f"{n}@{px}:{'/'.join(map(str, batches))}"
+        for n, px, batches in args.entries
+        if n in TORCH_MODELS
+    ]
     if not entries:
         return {}
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "torch",
            "--models", ",".join(entries), "--batch-sizes", args.batch_sizes,
            "--kinds", args.kinds, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--num-classes", str(args.num_classes),
+           "--num-classes", str(args.num_classes), "--compute-dtype", args.compute_dtype,
            "--torch-compile" if args.torch_compile else "--no-torch-compile"]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the child's JAX must not claim the GPU
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
@@ -617,7 +681,7 @@ def environment(args) -> dict:
         "peak_flops": args.peak_flops,
         "flops_method": "XLA cost analysis of the same jitted step compiled for the CPU backend, "
         + (f"fitted through batches {args.flops_points}" if args.flops_points else "per batch"),
-        "compute": "bf16 compute, fp32 params, SGD; BatchNorm "
+        "compute": f"{args.compute_dtype} compute, fp32 params, SGD; BatchNorm "
         + config_lib.get_base_config().train.bn_mode,
         "steps": args.steps,
         "warmup": args.warmup,

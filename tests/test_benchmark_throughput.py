@@ -49,3 +49,25 @@ def test_tiny_run_measures_every_step_kind_and_frozen_backward_is_dropped():
     trainable = {kind: rows[kind]["tlflax_trainable"] for kind in ("linear_probe", "full")}
     assert trainable["linear_probe"] < trainable["full"]
     assert result["env"]["flops_method"].startswith("XLA cost analysis")
+    assert result["env"]["compute"].startswith("float32 compute")  # auto, on the CPU
+
+
+def test_cpu_preset_per_model_batches_and_the_compute_dtype_of_both_sides():
+    bench = _benchmark()
+    args = bench.parse_args(["--preset", "cpu"])
+    assert args.entries == [
+        ("efficientnet_lite0", 224, [32]),
+        ("resnet50", 224, [16]),
+        ("vit_b16", 224, [16]),
+    ]
+    assert (args.compute_dtype, args.steps, args.torch_compile) == ("float32", 3, False)
+    # Flags given with the preset override it; an entry without ':' takes --batch-sizes.
+    args = bench.parse_args(["--preset", "cpu", "--steps", "5", "--models", "resnet50,vit_b16:8"])
+    assert args.steps == 5 and args.entries == [("resnet50", 224, [64, 128, 256]),
+                                                ("vit_b16", 224, [8])]  # fmt: skip
+    # auto: float32 on the CPU (this suite's backend), bfloat16 on an accelerator; resolved
+    # in the parent, so the torch child (CPU-only JAX) computes in the same dtype.
+    assert bench.parse_args([]).compute_dtype == "float32"
+    config = bench.make_config("resnet_tiny", px=32, batch=2, kind="full", num_classes=10,
+                               compute_dtype="bfloat16")  # fmt: skip
+    assert config.model.compute_dtype == "bfloat16"
