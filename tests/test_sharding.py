@@ -12,6 +12,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -292,3 +293,25 @@ def test_two_processes_global_mean_and_checkpoint(tmp_path):
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1:])
+
+
+def test_cpu_steps_compile_at_the_cpu_level_unless_xla_flags_set_one(monkeypatch):
+    mesh = sharding.make_mesh(devices=jax.devices()[:2])
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    options = sharding.compiler_options(mesh)
+    assert options == {"xla_backend_optimization_level": sharding.CPU_BACKEND_OPT_LEVEL}
+    fn = jax.jit(lambda x: x * 2.0, compiler_options=options)  # XLA knows the option
+    assert float(fn(jax.numpy.float32(1.5))) == 3.0
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+    assert sharding.compiler_options(mesh) is None
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(sharding, "CPU_BACKEND_OPT_LEVEL", None)
+    assert sharding.compiler_options(mesh) is None
+
+
+def test_compiler_options_leave_other_platforms_alone():
+    class Device:
+        platform = "gpu"
+
+    mesh = types.SimpleNamespace(devices=np.asarray([Device()], dtype=object))
+    assert sharding.compiler_options(mesh) is None

@@ -58,7 +58,7 @@ def make_features_fn(run):
         feats = model.apply(variables, x, train=False, bn_train=False, method=model.features)
         return feats.astype(np.float32)
 
-    return jax.jit(features_fn)
+    return jax.jit(features_fn, compiler_options=sharding.compiler_options(run.mesh))
 
 
 def make_view_features_fn(run, aug_config):
@@ -76,7 +76,7 @@ def make_view_features_fn(run, aug_config):
         feats = model.apply(variables, x, train=False, bn_train=False, method=model.features)
         return feats.astype(np.float32)
 
-    return jax.jit(features_fn)
+    return jax.jit(features_fn, compiler_options=sharding.compiler_options(run.mesh))
 
 
 class ViewSplit:

@@ -131,6 +131,7 @@ def _jit_train_step(config, run: Run, phase, shardings):
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, sharding.replicated(run.mesh)),
         donate_argnums=0,
+        compiler_options=sharding.compiler_options(run.mesh),
     )
 
 
@@ -173,7 +174,8 @@ def make_eval_fn(run: Run, *, tta: str = ""):
     """jit(variables, batch) -> per-example outputs (evaluate.make_eval_step)."""
     logits_fn = make_logits_fn(run, tta=tta)
     identity = lambda images: images  # logits_fn crops and normalises
-    return jax.jit(evaluate.make_eval_step(model_apply=logits_fn, eval_transform=identity))
+    step = evaluate.make_eval_step(model_apply=logits_fn, eval_transform=identity)
+    return jax.jit(step, compiler_options=sharding.compiler_options(run.mesh))
 
 
 def make_head_eval_fn(run: Run):
@@ -183,7 +185,8 @@ def make_head_eval_fn(run: Run):
     def head_apply(variables, feats):
         return features.head_logits(model, variables, feats, train=False)
 
-    return jax.jit(evaluate.make_eval_step(model_apply=head_apply, eval_transform=lambda x: x))
+    step = evaluate.make_eval_step(model_apply=head_apply, eval_transform=lambda x: x)
+    return jax.jit(step, compiler_options=sharding.compiler_options(run.mesh))
 
 
 def run_eval(eval_fn, st, run: Run, *, split=None):
