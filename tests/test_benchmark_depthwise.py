@@ -21,7 +21,7 @@ def test_layer_row_times_every_form_that_agrees():
     bench.print_tables({"env": {"batch": 2}, "layers": [row], "steps": []})
 
 
-def test_autodiff_form_is_the_plain_sum_and_the_patch_is_undone():
+def test_step_patch_swaps_the_depthwise_form_and_restores_it():
     bench = _benchmark()
     shifts = bench.layers.depthwise_by_shifts
     with bench.depthwise_impl(bench.autodiff_shifts):
