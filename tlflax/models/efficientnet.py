@@ -176,14 +176,14 @@ class MBConv(nn.Module):
         s, o = self.spec, self.opts
         y = x
         if s.expand_ratio != 1:
-            y = _pointwise(s.in_channels * s.expand_ratio, o, "expand_conv")(y)
-            y = jax.nn.silu(o.norm(bn_train=bn_train, name="expand_bn")(y))
+            expand = _pointwise(s.in_channels * s.expand_ratio, o, "expand_conv")
+            y = jax.nn.silu(o.conv_norm(expand, y, bn_train=bn_train, name="expand_bn"))
         dw = DepthwiseConv(s.kernel, s.stride, o.padding, o.depthwise, o.dtype, name="dw_conv")
-        y = jax.nn.silu(o.norm(bn_train=bn_train, name="dw_bn")(dw(y)))
+        y = jax.nn.silu(o.conv_norm(dw, y, bn_train=bn_train, name="dw_bn"))
         if self.se_ratio > 0:
             y = SqueezeExcite(se_width(s.in_channels, self.se_ratio), o.dtype, name="se")(y)
-        y = _pointwise(s.out_channels, o, "project_conv")(y)
-        y = o.norm(bn_train=bn_train, name="project_bn")(y)
+        project = _pointwise(s.out_channels, o, "project_conv")
+        y = o.conv_norm(project, y, bn_train=bn_train, name="project_bn")
         if not s.residual:
             return y
         if train and self.drop_connect > 0:
@@ -226,8 +226,8 @@ class EfficientNet(nn.Module):
             x = Stage(blocks, stage_rates, self.se_ratio, o, name=f"stage{i + 1}")(
                 x, train=train, bn_train=bn_train
             )
-        x = _pointwise(self.head_width, o, "head_conv")(x)
-        x = jax.nn.silu(o.norm(bn_train=bn_train, name="head_bn")(x))
+        head_conv = _pointwise(self.head_width, o, "head_conv")
+        x = jax.nn.silu(o.conv_norm(head_conv, x, bn_train=bn_train, name="head_bn"))
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

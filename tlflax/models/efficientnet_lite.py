@@ -147,12 +147,11 @@ def block_layout(arch: dict) -> tuple[tuple[BlockSpec, ...], ...]:
 def _conv(features, kernel, *, stride=1, padding="same", dtype, name) -> nn.Module:
     if kernel == 1 and stride == 1:
         return layers.PointwiseConv(features, dtype=dtype, kernel_init=_conv_init, name=name)
-    return nn.Conv(
+    return layers.Conv(
         features,
-        (kernel, kernel),
-        strides=stride,
+        kernel,
+        stride=stride,
         padding=layers.conv_padding(kernel, stride, padding),
-        use_bias=False,
         dtype=dtype,
         kernel_init=_conv_init,
         name=name,
@@ -185,6 +184,11 @@ class LayerOptions(NamedTuple):
             name=name,
         )
 
+    def conv_norm(self, conv, x, *, bn_train: bool, name: str):
+        """BatchNorm `name` of conv(x), folded into the conv when frozen (layers.conv_norm)."""
+        norm = functools.partial(self.norm, bn_train=bn_train, name=name)
+        return layers.conv_norm(conv, x, bn_train=bn_train, norm=norm, name=name, eps=self.bn_eps)
+
 
 class ConvBN(nn.Module):
     """The stem: a strided 3x3 conv and its BatchNorm (ReLU6 follows in the backbone)."""
@@ -195,8 +199,8 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x, *, bn_train: bool):
         o = self.opts
-        x = _conv(self.features, 3, stride=2, padding=o.padding, dtype=o.dtype, name="conv")(x)
-        return o.norm(bn_train=bn_train, name="bn")(x)
+        conv = _conv(self.features, 3, stride=2, padding=o.padding, dtype=o.dtype, name="conv")
+        return o.conv_norm(conv, x, bn_train=bn_train, name="bn")
 
 
 class MBConv(nn.Module):
@@ -212,12 +216,12 @@ class MBConv(nn.Module):
         width = s.in_channels * s.expand_ratio
         y = x
         if s.expand_ratio != 1:
-            y = _conv(width, 1, dtype=o.dtype, name="expand_conv")(y)
-            y = jax.nn.relu6(o.norm(bn_train=bn_train, name="expand_bn")(y))
+            expand = _conv(width, 1, dtype=o.dtype, name="expand_conv")
+            y = jax.nn.relu6(o.conv_norm(expand, y, bn_train=bn_train, name="expand_bn"))
         dw = DepthwiseConv(s.kernel, s.stride, o.padding, o.depthwise, o.dtype, name="dw_conv")
-        y = jax.nn.relu6(o.norm(bn_train=bn_train, name="dw_bn")(dw(y)))
-        y = _conv(s.out_channels, 1, dtype=o.dtype, name="project_conv")(y)
-        y = o.norm(bn_train=bn_train, name="project_bn")(y)
+        y = jax.nn.relu6(o.conv_norm(dw, y, bn_train=bn_train, name="dw_bn"))
+        project = _conv(s.out_channels, 1, dtype=o.dtype, name="project_conv")
+        y = o.conv_norm(project, y, bn_train=bn_train, name="project_bn")
         if not s.residual:
             return y
         if train and self.drop_connect > 0:
@@ -257,8 +261,8 @@ class EfficientNetLite(nn.Module):
             x = Stage(blocks, stage_rates, o, name=f"stage{i + 1}")(
                 x, train=train, bn_train=bn_train
             )
-        x = _conv(self.head_width, 1, dtype=o.dtype, name="head_conv")(x)
-        x = jax.nn.relu6(o.norm(bn_train=bn_train, name="head_bn")(x))
+        head_conv = _conv(self.head_width, 1, dtype=o.dtype, name="head_conv")
+        x = jax.nn.relu6(o.conv_norm(head_conv, x, bn_train=bn_train, name="head_bn"))
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 

@@ -1,5 +1,6 @@
 """Layers the families share: 1x1 convs as matrix products, depthwise convs (as shifted
-slices on the CPU), TF / PyTorch padding rules, stochastic depth."""
+slices on the CPU), kxk convs, BatchNorm folded into the conv before it when its statistics
+are frozen, TF / PyTorch padding rules, stochastic depth."""
 
 from __future__ import annotations
 
@@ -29,13 +30,134 @@ class PointwiseConv(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, scale=None):
+        """`scale` (features,): multiplies each output channel (scaled_linear)."""
         shape = (1, 1, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         if self.stride > 1:
             x = x[:, :: self.stride, :: self.stride, :]
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+        return scaled_linear(_matmul, x, kernel[0, 0], scale)
+
+
+def _matmul(x, kernel):
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Conv(nn.Module):
+    """nn.Conv without bias: the same `kernel` (k, k, in, out), initialisation and numbers,
+    plus an optional per-output-channel `scale` (scaled_linear).
+    padding: 'SAME' or explicit ((top, bottom), (left, right))."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: Any = "SAME"
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, scale=None):
+        k = self.kernel_size
+        shape = (k, k, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        padding = self.padding if isinstance(self.padding, str) else _int_pads(self.padding)
+        conv = functools.partial(_conv, stride=self.stride, padding=padding)
+        return scaled_linear(conv, x, kernel, scale)
+
+
+def _conv(x, kernel, *, stride: int, padding, groups: int = 1):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )  # fmt: skip
+
+
+def _int_pads(pads) -> tuple:
+    return tuple((int(a), int(b)) for a, b in pads)
+
+
+def scaled_linear(fn: Callable, x, kernel, scale):
+    """fn(x, kernel) * scale, per output channel (the kernel's last axis); fn is linear in
+    the kernel (a conv or a matmul), scale None: fn(x, kernel).
+
+    Differentiated by its own rule: the gradients are those of fn at the scaled kernel
+    (kernel * scale), and scale's gradient is sum(d_kernel_scaled * kernel) over all but the
+    last axis - a kernel-sized reduction where autodiff of the product would keep the
+    activation fn(x, kernel) and reduce dy * it. The forward scales the output, not the
+    kernel, so a step without gradients (eval, frozen stages) costs what conv then
+    BatchNorm did: the scale fuses into the elementwise op after it."""
+    if scale is None:
+        return fn(x, kernel)
+    if FROZEN_BN == "fold":  # for benchmarks/fold_bn.py
+        return fn(x, kernel * scale.astype(kernel.dtype))
+    return _scaled_linear(fn, x, kernel, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scaled_linear(fn, x, kernel, scale):
+    y = fn(x, kernel)
+    return y * scale.astype(y.dtype)
+
+
+def _scaled_linear_fwd(fn, x, kernel, scale):
+    return _scaled_linear(fn, x, kernel, scale), (x, kernel, scale)
+
+
+def _scaled_linear_bwd(fn, res, dy):
+    x, kernel, scale = res
+    _, vjp = jax.vjp(fn, x, kernel * scale.astype(kernel.dtype))
+    dx, dk = vjp(dy)
+    acc = jnp.promote_types(dk.dtype, jnp.float32)
+    axes = tuple(range(kernel.ndim - 1))
+    dscale = jnp.sum(dk.astype(acc) * kernel.astype(acc), axis=axes)
+    return dx, (dk * scale.astype(dk.dtype)).astype(kernel.dtype), dscale.astype(scale.dtype)
+
+
+_scaled_linear.defvjp(_scaled_linear_fwd, _scaled_linear_bwd)
+
+
+class FrozenBatchNorm(nn.Module):
+    """nn.BatchNorm's variables (params scale, bias; batch_stats mean, var: the same names,
+    shapes, dtypes and initial values) without its computation: conv_norm applies them
+    through the conv before. Returns (scale, bias, mean, var)."""
+
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, channels: int):
+        shape = (channels,)
+        scale = self.param("scale", self.scale_init, shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
+        return scale, bias, mean.value, var.value
+
+
+# How conv_norm computes a frozen BatchNorm: 'scaled' (scaled_linear, the default), 'fold'
+# (conv(x, kernel * s), plain autodiff) or 'batchnorm' (conv, then flax's nn.BatchNorm).
+# benchmarks/fold_bn.py sets it to time the three in one run.
+FROZEN_BN = "scaled"
+FROZEN_BN_IMPLS = ("batchnorm", "fold", "scaled")
+
+
+def conv_norm(conv, x, *, bn_train: bool, norm: Callable[[], nn.Module], name: str, eps: float,
+              scale_init: Callable = nn.initializers.ones):  # fmt: skip
+    """BatchNorm `name` of conv(x). With frozen statistics (bn_train False) the BatchNorm is
+    an affine map per channel, conv(x) * s + (bias - mean * s) with s = scale / sqrt(var +
+    eps), and the conv applies s itself (`conv(x, s)`: scaled_linear). The same function and
+    the same variables (FrozenBatchNorm: nn.BatchNorm's names, shapes and initial values),
+    but the gradients of the BatchNorm's scale and bias keep no activation-sized residual:
+    they come from the kernel's gradient and a sum over dy. bn_train True: conv, then
+    `norm()` (an nn.BatchNorm named `name`, with batch statistics)."""
+    if bn_train or FROZEN_BN == "batchnorm":
+        return norm()(conv(x))
+    channels = conv.features if hasattr(conv, "features") else x.shape[-1]
+    scale, bias, mean, var = FrozenBatchNorm(scale_init, name=name)(channels)
+    s = scale * jax.lax.rsqrt(var + eps)
+    y = conv(x, s)
+    return y + (bias - mean * s).astype(y.dtype)
 
 
 def conv_padding(kernel: int, stride: int, padding: str):
@@ -73,7 +195,8 @@ class DepthwiseConv(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, scale=None):
+        """`scale` (C,): multiplies each output channel (scaled_linear)."""
         channels = x.shape[-1]
         shape = (self.kernel, self.kernel, 1, channels)
         w = self.param("kernel", self.kernel_init, shape, jnp.float32)
@@ -83,21 +206,24 @@ class DepthwiseConv(nn.Module):
             pads = conv_padding(self.kernel, self.stride, pads)
         if pads == "SAME":
             pads = [same_pads(n, self.kernel, self.stride) for n in x.shape[1:3]]
+        pads = _int_pads(pads)
         impl = self.impl
         if impl == "auto":
             impl = "shift" if jax.default_backend() == "cpu" else "conv"
         if impl == "conv":
-            y = jax.lax.conv_general_dilated(
-                x, w, (self.stride,) * 2, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=channels,
-            )  # fmt: skip
+            fn = functools.partial(_conv, stride=self.stride, padding=pads, groups=channels)
         else:
-            y = depthwise_by_shifts(x, w[:, :, 0, :], stride=self.stride, pads=pads)
+            fn = functools.partial(_depthwise_shifts, stride=self.stride, pads=pads)
+        y = scaled_linear(fn, x, w, scale)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(
                 y.dtype
             )
         return y
+
+
+def _depthwise_shifts(x, kernel, *, stride: int, pads):
+    return depthwise_by_shifts(x, kernel[:, :, 0, :], stride=stride, pads=pads)
 
 
 def depthwise_by_shifts(x, w, *, stride: int, pads):

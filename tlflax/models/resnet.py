@@ -64,27 +64,32 @@ def _conv(features: int, kernel: int, *, stride: int = 1, dtype, name: str) -> n
             features, stride=stride, dtype=dtype, kernel_init=_conv_init, name=name
         )
     pad = kernel // 2
-    return nn.Conv(
+    return layers.Conv(
         features,
-        (kernel, kernel),
-        strides=stride,
+        kernel,
+        stride=stride,
         padding=((pad, pad), (pad, pad)),
-        use_bias=False,
         dtype=dtype,
         kernel_init=_conv_init,
         name=name,
     )
 
 
-def _norm(*, bn_train: bool, eps: float, dtype, name: str, zero_scale: bool = False):
+def _conv_norm(conv, x, *, bn_train: bool, eps: float, dtype, name: str, zero_scale=False):
+    """BatchNorm `name` of conv(x), folded into the conv when frozen (layers.conv_norm)."""
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
     # flax momentum 0.9 keeps 0.9 of the running average: PyTorch's momentum=0.1.
-    return nn.BatchNorm(
+    norm = functools.partial(
+        nn.BatchNorm,
         use_running_average=not bn_train,
         momentum=0.9,
         epsilon=eps,
         dtype=dtype,
-        scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
+        scale_init=scale_init,
         name=name,
+    )
+    return layers.conv_norm(
+        conv, x, bn_train=bn_train, norm=norm, name=name, eps=eps, scale_init=scale_init
     )
 
 
@@ -99,8 +104,8 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, bn_train: bool):
-        x = _conv(self.features, self.kernel, stride=self.stride, dtype=self.dtype, name="conv")(x)
-        return _norm(bn_train=bn_train, eps=self.bn_eps, dtype=self.dtype, name="bn")(x)
+        conv = _conv(self.features, self.kernel, stride=self.stride, dtype=self.dtype, name="conv")
+        return _conv_norm(conv, x, bn_train=bn_train, eps=self.bn_eps, dtype=self.dtype, name="bn")
 
 
 class Block(nn.Module):
@@ -125,16 +130,17 @@ class Block(nn.Module):
         y = x
         for i, (features, kernel, stride) in enumerate(layers, 1):
             last = i == len(layers)
-            y = _conv(features, kernel, stride=stride, dtype=self.dtype, name=f"conv{i}")(y)
-            zero_scale = last and self.zero_init_last  # the block starts as the identity
-            norm = _norm(
+            conv = _conv(features, kernel, stride=stride, dtype=self.dtype, name=f"conv{i}")
+            y = _conv_norm(
+                conv,
+                y,
                 bn_train=bn_train,
                 eps=self.bn_eps,
                 dtype=self.dtype,
                 name=f"bn{i}",
-                zero_scale=zero_scale,
+                zero_scale=last and self.zero_init_last,  # the block starts as the identity
             )
-            y = norm(y) if last else nn.relu(norm(y))
+            y = y if last else nn.relu(y)
         out = layers[-1][0]
         if self.stride != 1 or x.shape[-1] != out:
             shortcut = ConvBN(out, 1, self.stride, self.bn_eps, self.dtype, name="downsample")

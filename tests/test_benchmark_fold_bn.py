@@ -1,0 +1,43 @@
+"""benchmarks/fold_bn.py: the three frozen-BatchNorm forms run the trainer's steps, agree,
+and are timed and sized; the switch is restored."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("fold_bn", ROOT / "benchmarks/fold_bn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_times_three_forms_that_agree(capsys):
+    bench = _benchmark()
+    bench.main(["--models", "efficientnet_lite_tiny@32:4", "--kinds", "full,eval", "--iters", "1"])
+    out = capsys.readouterr().out
+    result = json.loads(out.split("RESULT ", 1)[1])
+    rows = result["rows"]
+    assert [(r["kind"], r["side"]) for r in rows] == [
+        (kind, side) for kind in ("full", "eval") for side in ("batchnorm", "fold", "scaled")
+    ]
+    for kind in ("full", "eval"):
+        values = [r["value"] for r in rows if r["kind"] == kind]
+        assert abs(max(values) - min(values)) < 1e-4 and values[0] > 0  # a random head
+    assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert bench.layers.FROZEN_BN == "scaled"
+    assert "efficientnet_lite_tiny | 32 | 4 | full |" in out
+
+
+def test_bad_arguments_exit_with_usage():
+    bench = _benchmark()
+    for argv in (["--models", "lite0"], ["--kinds", "train"], ["--iters", "0"]):
+        try:
+            bench.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(f"{argv} was accepted")
