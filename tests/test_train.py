@@ -652,3 +652,71 @@ def test_a_step_on_the_heads_part_of_the_state_is_the_step_on_the_whole_state():
         (joined.params, joined.opt_state, joined.step), (whole.params, whole.opt_state, whole.step),
     )  # fmt: skip
     assert optim.ema_params(joined.params, joined.opt_state) is not None
+
+
+def _tiny_config():
+    return config_lib.load(TINY)
+
+
+def _losses(workdir) -> list[float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_the_next_phases_step_compiles_in_the_background_to_the_same_run(
+    tmp_path, monkeypatch, caplog
+):
+    """two_phase: the fine-tuning step compiles while the probe trains and is the one the
+    fine-tuning phase runs; the run is the one it is without compiling ahead, bitwise."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tlflax")
+    compiled = []
+    step_ahead = train._StepAhead.__call__
+
+    def spy(self, st, batch):
+        out = step_ahead(self, st, batch)
+        compiled.append(self.fn is not self.jitted)
+        return out
+
+    monkeypatch.setattr(train._StepAhead, "__call__", spy)
+    ahead = train.train_and_evaluate(_tiny_config(), tmp_path / "ahead")
+    assert "phase finetune: its step compiled in the background" in caplog.text
+    assert compiled == [True] * 4  # the 4 fine-tuning steps, all on the compiled-ahead step
+
+    monkeypatch.setattr(train, "_compiles_ahead", lambda *args: False)
+    plain = train.train_and_evaluate(_tiny_config(), tmp_path / "plain")
+    assert len(compiled) == 4  # no _StepAhead without a step compiled ahead
+    assert _losses(tmp_path / "ahead") == _losses(tmp_path / "plain")
+    assert ahead["final"] == plain["final"]
+
+
+def test_a_step_compiled_ahead_that_failed_or_does_not_fit_is_compiled_then(caplog):
+    """_StepAhead falls back to the phase's own jitted step: when compiling ahead raised
+    (a warning), when it was compiled for other shardings, or when the state's avals
+    differ from those it was compiled for (the call is refused before it runs)."""
+    import logging
+    from concurrent import futures
+
+    def ready(value=None, error=None):
+        f = futures.Future()
+        f.set_exception(error) if error else f.set_result(value)
+        return f
+
+    jitted = lambda st, batch: ("jitted", st)  # noqa: E731
+    compiled = lambda st, batch: ("ahead", st)  # noqa: E731
+
+    def refuses(st, batch):
+        raise TypeError("Argument types differ from the types for which this was compiled")
+
+    cases = [
+        (ready((compiled, "sh")), "ahead"),
+        (ready(error=RuntimeError("XLA ran out of host memory")), "jitted"),
+        (ready((compiled, "other")), "jitted"),
+        (ready((refuses, "sh")), "jitted"),
+    ]
+    caplog.set_level(logging.WARNING, logger="tlflax")
+    for future, expected in cases:
+        step = train._StepAhead(future, jitted, "sh", "finetune")
+        assert step(1, None) == (expected, 1) and step(2, None) == (expected, 2)
+    assert "compiling its step ahead failed (RuntimeError: XLA ran out of" in caplog.text

@@ -7,8 +7,10 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from typing import NamedTuple
 
 import jax
@@ -317,6 +319,7 @@ class Loop:
     images: ImageBatches  # the train split's batches, from the step a phase starts at
     cache_dir: epath.Path  # where cached features live (config.data.cache_dir, else WORKDIR/cache)
     features_fn: Callable | None = None  # pooled features, for train.fewshot_shots (lazily)
+    ahead: dict = dataclasses.field(default_factory=dict)  # phase name -> _compile_ahead's
 
 
 class ImageBatches:
@@ -434,7 +437,8 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
     results = []
     for i in range(experiment.phase_at(phases, step), len(phases)):
         phase, ran, t0 = phases[i], step < phases[i].end_step, time.time()
-        st, val = run_phase(loop, phase, st, shardings, start_step=step)
+        after = phases[i + 1] if i + 1 < len(phases) else None
+        st, val = run_phase(loop, phase, st, shardings, start_step=step, after=after)
         step = phase.end_step
         if i + 1 < len(phases):
             st, shardings = experiment.switch_phase(st, phases[i + 1], loop.run)
@@ -446,18 +450,25 @@ def train_phases(loop: Loop, st, shardings) -> TrainResult:
     return TrainResult(st, results)
 
 
-def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
+def run_phase(loop: Loop, phase, st, shardings, *, start_step: int, after=None):
     """Steps start_step..phase.end_step with their periodic actions, but the last save
-    (train_phases makes it, after the hand-over); (state, the phase-end evaluation)."""
+    (train_phases makes it, after the hand-over); (state, the phase-end evaluation).
+    `after`: the next phase, whose step compiles in the background meanwhile."""
     if phase.kind == "cached_probe":
         batches, evals = _cached_probe_inputs(loop, st, start_step=start_step)
     else:
         batches, evals = loop.images.at(start_step), Evals(loop.eval_fn, None)
     whole = _Whole(st, phase)
     train_step = _jit_train_step(loop.config, loop.run, phase, whole.part(shardings))
+    ahead = loop.ahead.pop(phase.name, None)
+    if ahead is not None:
+        train_step = _StepAhead(ahead, train_step, whole.part(shardings), phase.name)
     st, pending, t0, first, val = whole.part(st), [], time.time(), start_step, None
     for step in range(start_step + 1, phase.end_step + 1):
-        st, metrics = train_step(st, next(batches))
+        batch = next(batches)
+        st, metrics = train_step(st, batch)
+        if step == start_step + 1 and _compiles_ahead(phase, after, step, loop):
+            loop.ahead[after.name] = _compile_ahead(loop, after, batch)
         pending.append(metrics)
         due = loop.every.due(step, phase_end=step == phase.end_step, kind=phase.kind)
         if due.log:
@@ -478,6 +489,81 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int):
     if phase.kind == "cached_probe":
         batches.close()
     return whole(st), val
+
+
+def _compiles_ahead(phase, after, step: int, loop: Loop) -> bool:
+    """The next phase's step compiles while this one trains when both read images (the
+    batch's shapes and shardings are this phase's) and this phase has steps left to hide
+    the compilation behind."""
+    return (
+        after is not None
+        and phase.kind == after.kind == "train"
+        and step < phase.end_step
+        and after.name not in loop.ahead
+    )
+
+
+def _compile_ahead(loop: Loop, phase, batch) -> futures.Future:
+    """The train step of `phase` lowered and compiled by XLA in a background thread (a
+    fine-tuning step takes 10-25 s to compile on 2 CPU cores, minutes for large models on
+    accelerators): (compiled step, the state shardings it was compiled for). Compilation is
+    host work that runs beside the current phase's steps; a failure only means the phase
+    compiles its step when it starts, as without this."""
+    done: futures.Future = futures.Future()
+    spec = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch
+    )
+
+    def work():
+        try:
+            t0 = time.time()
+            abstract, shardings = experiment.abstract_state(loop.run, phase)
+            fn = _jit_train_step(loop.config, loop.run, phase, shardings)
+            compiled = fn.lower(abstract, spec).compile()
+            log.info("phase %s: its step compiled in the background (%.1f s)", phase.name,
+                     time.time() - t0)  # fmt: skip
+            done.set_result((compiled, shardings))
+        except Exception as e:  # noqa: BLE001 - reported where the phase starts
+            done.set_exception(e)
+
+    threading.Thread(target=work, name=f"compile-{phase.name}", daemon=True).start()
+    return done
+
+
+class _StepAhead:
+    """The first call of a phase: its step compiled ahead (_compile_ahead) where it fits
+    the state (the same shardings, shapes and dtypes), else the phase's own jitted step,
+    which compiles then. Later calls go to whichever ran."""
+
+    def __init__(self, ahead: futures.Future, jitted, shardings, name: str):
+        self.ahead, self.jitted, self.shardings, self.name = ahead, jitted, shardings, name
+        self.fn = None
+
+    def __call__(self, st, batch):
+        if self.fn is not None:
+            return self.fn(st, batch)
+        self.fn = self.jitted
+        try:
+            compiled, shardings = self.ahead.result()
+        except Exception as e:  # noqa: BLE001
+            log.warning("phase %s: compiling its step ahead failed (%s); compiling it now",
+                        self.name, _short(e))  # fmt: skip
+            return self.fn(st, batch)
+        if shardings != self.shardings:
+            log.debug("phase %s: the step compiled ahead has other shardings", self.name)
+            return self.fn(st, batch)
+        try:
+            out = compiled(st, batch)
+        except (TypeError, ValueError) as e:  # the arguments' avals differ: checked, not run
+            log.debug("phase %s: the step compiled ahead does not fit (%s)", self.name, e)
+            return self.fn(st, batch)
+        self.fn = compiled
+        return out
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
 
 
 class _Whole:
