@@ -119,20 +119,28 @@ _scaled_linear.defvjp(_scaled_linear_fwd, _scaled_linear_bwd)
 
 
 class FrozenBatchNorm(nn.Module):
-    """nn.BatchNorm's variables (params scale, bias; batch_stats mean, var: the same names,
-    shapes, dtypes and initial values) without its computation: conv_norm applies them
-    through the conv before. Returns (scale, bias, mean, var)."""
+    """nn.BatchNorm with frozen statistics, split around the conv before it (conv_norm):
+    `scale()` is the per-channel factor s = scale / sqrt(var + eps) that the conv applies,
+    `__call__(y)` adds the rest, bias - mean * s. Its variables are nn.BatchNorm's: params
+    scale, bias and batch_stats mean, var, with the same names, shapes, dtypes and initial
+    values."""
 
+    channels: int
+    epsilon: float
     scale_init: Callable = nn.initializers.ones
 
-    @nn.compact
-    def __call__(self, channels: int):
-        shape = (channels,)
-        scale = self.param("scale", self.scale_init, shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
-        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
-        var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
-        return scale, bias, mean.value, var.value
+    def setup(self):
+        shape = (self.channels,)
+        self.scale_ = self.param("scale", self.scale_init, shape, jnp.float32)
+        self.bias = self.param("bias", nn.initializers.zeros, shape, jnp.float32)
+        self.mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+        self.var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
+
+    def scale(self):
+        return self.scale_ * jax.lax.rsqrt(self.var.value + self.epsilon)
+
+    def __call__(self, y):
+        return y + (self.bias - self.mean.value * self.scale()).astype(y.dtype)
 
 
 # How conv_norm computes a frozen BatchNorm: 'scaled' (scaled_linear, the default), 'fold'
@@ -154,10 +162,8 @@ def conv_norm(conv, x, *, bn_train: bool, norm: Callable[[], nn.Module], name: s
     if bn_train or FROZEN_BN == "batchnorm":
         return norm()(conv(x))
     channels = conv.features if hasattr(conv, "features") else x.shape[-1]
-    scale, bias, mean, var = FrozenBatchNorm(scale_init, name=name)(channels)
-    s = scale * jax.lax.rsqrt(var + eps)
-    y = conv(x, s)
-    return y + (bias - mean * s).astype(y.dtype)
+    bn = FrozenBatchNorm(channels, eps, scale_init, name=name)
+    return bn(conv(x, bn.scale()))
 
 
 def conv_padding(kernel: int, stride: int, padding: str):
