@@ -10,7 +10,9 @@ For each `name@px:batch` and step kind (--kinds, default full and eval) this bui
 trainer's own step as benchmarks/throughput.py does (SGD, float32), once with XLA's default
 level and once per --levels value, each a fresh jit in this process (no persistent cache):
 `lower().compile()` seconds, then the median of --steps step times after one warm-up step,
-and the largest difference of the first step's loss between the two (eval: of the logits).
+and the largest difference of the first step's loss between the two (eval: of the
+per-example losses), with a random head (throughput.random_head) so that it depends on
+the backbone.
 
 Prints a table and one JSON line starting with 'RESULT '.
 """
@@ -44,7 +46,7 @@ def measure(name: str, px: int, batch: int, kind: str, level, *, steps: int) -> 
             name, px=px, batch=batch, kind=kind, num_classes=10, compute_dtype="float32"
         )
         run = throughput.make_run(config, devices=jax.devices("cpu"))
-        host_vars = jax.device_get(run.spec.init(jax.random.key(0), px))
+        host_vars = throughput.random_head(jax.device_get(run.spec.init(jax.random.key(0), px)))
         host_batch = throughput.host_batch(run, batch)
         fn, (first, device_batch) = throughput.step_and_args(
             config, run, kind, host_vars, host_batch
@@ -55,8 +57,8 @@ def measure(name: str, px: int, batch: int, kind: str, level, *, steps: int) -> 
     finally:
         sharding.CPU_BACKEND_OPT_LEVEL = saved
     out = jax.block_until_ready(compiled(first, device_batch))
-    if kind == "eval":
-        probe = np.asarray(jax.tree.leaves(out)[0], np.float64)
+    if kind == "eval":  # per-example losses
+        probe = np.asarray(out["loss"], np.float64)
     else:
         first, metrics = out
         probe = np.asarray(metrics["loss"], np.float64)
@@ -85,9 +87,8 @@ def parse_args(argv=None):
 def run(argv=None) -> dict:
     args = parse_args(argv)
     rows = []
-    for entry in args.models.split(","):
-        name, rest = entry.split("@")
-        px, batch = (int(v) for v in rest.split(":"))
+    for entry in filter(None, args.models.split(",")):
+        name, px, (batch,) = throughput.model_entry(entry, 64, [64])
         for kind in args.kinds.split(","):
             base = measure(name, px, batch, kind, None, steps=args.steps)
             for level in (int(v) for v in args.levels.split(",")):

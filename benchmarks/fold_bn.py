@@ -63,7 +63,7 @@ def measure(name: str, *, px: int, batch: int, kind: str, impl: str, iters: int)
     )
     with frozen_bn(impl):
         run = throughput.make_run(config, devices=jax.devices())
-        host_vars = _random_head(jax.device_get(run.spec.init(jax.random.key(0), px)))
+        host_vars = throughput.random_head(jax.device_get(run.spec.init(jax.random.key(0), px)))
         batch_np = throughput.host_batch(run, batch)
         fn, (first, device_batch) = throughput.step_and_args(config, run, kind, host_vars, batch_np)
         start = time.perf_counter()
@@ -84,16 +84,6 @@ def measure(name: str, *, px: int, batch: int, kind: str, impl: str, iters: int)
     }  # fmt: skip
 
 
-def _random_head(variables: dict) -> dict:
-    """The new head is zero-initialised (every loss log(classes)); random weights make the
-    loss depend on the backbone's features, so that the two sides' losses compare them."""
-    rng = np.random.default_rng(0)
-    head = jax.tree_util.tree_map(
-        lambda v: (0.05 * rng.standard_normal(v.shape)).astype(v.dtype), variables["params"]["head"]
-    )
-    return {**variables, "params": {**variables["params"], "head": head}}
-
-
 def _first_value(kind: str, out) -> float:
     """The first step's mean loss (train) or the eval batch's mean loss."""
     metrics = out if kind == "eval" else out[1]
@@ -105,19 +95,22 @@ def parse_args(argv=None):
     p.add_argument(
         "--models",
         default="efficientnet_lite0@224:32,resnet50@224:16",
-        help="comma-separated name@px:batch",
+        help="comma-separated name[@px][:batch] (throughput.py's entries; 224 px, batch 32)",
     )
     p.add_argument("--kinds", default="full,eval", help=f"step kinds, from {','.join(KINDS)}")
     p.add_argument("--iters", type=int, default=3)
     args = p.parse_args(argv)
+    import throughput
+
     args.cases = []
     for entry in filter(None, args.models.split(",")):
         try:
-            name, rest = entry.split("@")
-            px, batch = (int(v) for v in rest.split(":"))
+            name, px, batches = throughput.model_entry(entry, 224, [32])
         except ValueError:
-            p.error(f"--models: {entry!r} is not name@px:batch")
-        args.cases.append((name, px, batch))
+            name, batches = "", []
+        if not name or len(batches) != 1:
+            p.error(f"--models: {entry!r} is not name[@px][:batch]")
+        args.cases.append((name, px, batches[0]))
     args.kind_list = [k for k in args.kinds.split(",") if k]
     if not args.kind_list or set(args.kind_list) - set(KINDS) or args.iters < 1:
         p.error(f"--kinds from {KINDS}, --iters >= 1")

@@ -130,7 +130,7 @@ def parse_args(argv=None):
         args.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     args.batches = [int(b) for b in args.batch_sizes.split(",") if b]
     args.entries = [
-        _entry(text, args.resolution, args.batches) for text in args.models.split(",") if text
+        model_entry(text, args.resolution, args.batches) for text in args.models.split(",") if text
     ]
     args.kind_list = [k for k in args.kinds.split(",") if k]
     args.flops_points = [int(b) for b in args.flops_batches.split(",") if b]
@@ -141,7 +141,7 @@ def parse_args(argv=None):
     return args
 
 
-def _entry(text: str, default_px: int, default_batches: list[int]):
+def model_entry(text: str, default_px: int, default_batches: list[int]):
     """'name[@px][:b1/b2]' -> (name, px, batch sizes)."""
     text, _, batches = text.strip().partition(":")
     name, _, px = text.partition("@")
@@ -194,6 +194,17 @@ def host_batch(run: experiment.Run, n: int, *, seed: int = 0) -> dict:
         "label": rng.integers(0, run.spec.module.head.num_classes, n).astype(np.int32),
         "mask": np.ones(n, np.bool_),
     }
+
+
+def random_head(variables: dict, *, seed: int = 0) -> dict:
+    """`variables` with random head weights. The new head is zero-initialised, so every
+    first loss is log(classes) and every logit 0 whatever the backbone computes; benchmarks
+    that compare two builds of a step by their outputs need outputs that depend on it."""
+    rng = np.random.default_rng(seed)
+    head = jax.tree_util.tree_map(
+        lambda v: (0.05 * rng.standard_normal(v.shape)).astype(v.dtype), variables["params"]["head"]
+    )
+    return {**variables, "params": {**variables["params"], "head": head}}
 
 
 def step_and_args(config, run: experiment.Run, kind: str, host_variables, batch):

@@ -467,7 +467,7 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int, after=None):
     for step in range(start_step + 1, phase.end_step + 1):
         batch = next(batches)
         st, metrics = train_step(st, batch)
-        if step == start_step + 1 and _compiles_ahead(phase, after, step, loop):
+        if step == start_step + 1 and _compiles_ahead(phase, after, step):
             loop.ahead[after.name] = _compile_ahead(loop, after, batch)
         pending.append(metrics)
         due = loop.every.due(step, phase_end=step == phase.end_step, kind=phase.kind)
@@ -491,16 +491,11 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int, after=None):
     return whole(st), val
 
 
-def _compiles_ahead(phase, after, step: int, loop: Loop) -> bool:
+def _compiles_ahead(phase, after, step: int) -> bool:
     """The next phase's step compiles while this one trains when both read images (the
     batch's shapes and shardings are this phase's) and this phase has steps left to hide
     the compilation behind."""
-    return (
-        after is not None
-        and phase.kind == after.kind == "train"
-        and step < phase.end_step
-        and after.name not in loop.ahead
-    )
+    return after is not None and phase.kind == after.kind == "train" and step < phase.end_step
 
 
 def _compile_ahead(loop: Loop, phase, batch) -> futures.Future:
