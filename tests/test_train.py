@@ -606,6 +606,21 @@ def test_the_finite_check_before_a_save_reads_what_the_phase_changes():
             train.check_finite_state(bad, 3, trainable=trainable, bn_train=False)
 
 
+def test_the_finite_check_on_the_host_and_on_the_device_agree():
+    """CPU arrays are checked by numpy in place, others by a jitted reduction: the same
+    answers, bfloat16 leaves and integer leaves (skipped) included."""
+    import jax
+    import jax.numpy as jnp
+
+    ok = {"a": jnp.ones((3, 2)), "b": jnp.ones(4, jnp.bfloat16), "n": jnp.arange(3)}
+    trees = [ok, {**ok, "a": ok["a"].at[1, 1].set(np.inf)}, {**ok, "b": ok["b"].at[0].set(np.nan)}]
+    for tree, expected in zip(trees, (True, False, False), strict=True):
+        assert train._state_is_finite(tree) is expected
+        leaves = [x for x in jax.tree_util.tree_leaves(tree) if x.dtype != jnp.int32]
+        assert bool(train._device_state_is_finite(leaves)) is expected
+    assert train._in_host_memory(ok["a"])
+
+
 def test_a_step_on_the_heads_part_of_the_state_is_the_step_on_the_whole_state():
     """What a cached probe's jitted step carries (state.head_part: no backbone, no
     statistics) gives the head, optimizer state (clipping, EMA) and metrics of a step on
@@ -689,6 +704,24 @@ def test_the_next_phases_step_compiles_in_the_background_to_the_same_run(
     assert len(compiled) == 4  # no _StepAhead without a step compiled ahead
     assert _losses(tmp_path / "ahead") == _losses(tmp_path / "plain")
     assert ahead["final"] == plain["final"]
+
+
+def test_a_run_with_model_remat_trains_the_same(tmp_path, caplog):
+    """model.remat through the trainer: the same losses and result as without; on the CPU
+    the run says that XLA keeps the activations there anyway."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tlflax")
+    results = {}
+    for remat in (False, True):
+        config = _tiny_config()
+        config.model.remat = remat
+        results[remat] = train.train_and_evaluate(config, tmp_path / str(remat))
+    np.testing.assert_allclose(
+        _losses(tmp_path / "True"), _losses(tmp_path / "False"), rtol=1e-5, atol=1e-6
+    )
+    assert results[True]["final"]["val/top1"] == results[False]["final"]["val/top1"]
+    assert caplog.text.count("model.remat: XLA's CPU compiler does not lower") == 1
 
 
 def test_a_step_compiled_ahead_that_failed_or_does_not_fit_is_compiled_then(caplog):

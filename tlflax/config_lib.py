@@ -53,6 +53,9 @@ def _model_config() -> ConfigDict:
     c.overrides = ConfigDict()  # family hyperparameters (e.g. pool='gap', depths=(1,1,1,1))
     c.overrides.unlock()  # free-form: each family checks its own option names
     c.compute_dtype = "float32"  # 'bfloat16' for mixed precision; parameters stay float32
+    # True: each block's activations are recomputed in the backward pass instead of kept
+    # (jax.checkpoint per block): full fine-tuning in less memory for one more forward pass.
+    c.remat = False
     return c
 
 

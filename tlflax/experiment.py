@@ -118,6 +118,7 @@ def build_model(config, *, num_classes: int):
         head_hidden=config.model.head_hidden,
         head_dropout=config.model.head_dropout,
         dtype=jnp.dtype(config.model.compute_dtype),
+        remat=config.model.remat,
         **dict(config.model.overrides),
     )
 

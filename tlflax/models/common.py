@@ -101,7 +101,7 @@ def _head_only(module: Classifier, feats):
     return module.head(feats, train=False)
 
 
-# name -> builder(num_classes, head_hidden, head_dropout, dtype, **overrides) -> ModelSpec
+# name -> builder(head=Head, dtype=..., remat=bool, **overrides) -> ModelSpec
 _REGISTRY: dict[str, Callable[..., ModelSpec]] = {}
 
 
@@ -127,12 +127,15 @@ def create_model(
     head_hidden: int = 0,
     head_dropout: float = 0.0,
     dtype: Any = jnp.float32,
+    remat: bool = False,
     **overrides,
 ) -> ModelSpec:
     """Build a registered model with a new `num_classes` head (zero-initialised).
 
     `overrides` change the family's hyperparameters (depth, width, pooling,
-    drop rates ...); each family rejects names it does not know.
+    drop rates ...); each family rejects names it does not know. `remat`: every block (a
+    VGG's stage) recomputes its activations in the backward pass (layers.block_call):
+    the same numbers and variables, less memory for more compute.
     """
     _import_families()
     if name not in _REGISTRY:
@@ -145,7 +148,7 @@ def create_model(
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     head = Head(num_classes=num_classes, hidden=head_hidden, dropout=head_dropout, dtype=dtype)
-    return _REGISTRY[name](head=head, dtype=dtype, **overrides)
+    return _REGISTRY[name](head=head, dtype=dtype, remat=remat, **overrides)
 
 
 def check_overrides(family: str, overrides: dict, allowed) -> None:

@@ -161,6 +161,7 @@ class Stage(nn.Module):
     layer_scale_init: float
     depthwise: str = "auto"
     dtype: Any = jnp.float32
+    remat: bool = False  # blocks recomputed in the backward pass (layers.block_call)
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -175,7 +176,7 @@ class Stage(nn.Module):
         for j, rate in enumerate(self.drop_paths, 1):
             block = Block(self.norm_eps, self.layer_scale_init, rate, self.depthwise, self.dtype,
                           name=f"block{j}")  # fmt: skip
-            x = block(x, train=train)
+            x = layers.block_call(block, x, remat=self.remat, train=train)
         return x
 
 
@@ -191,6 +192,7 @@ class ConvNeXt(nn.Module):
     drop_path_rate: float = 0.0
     depthwise: str = "auto"
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
@@ -205,7 +207,7 @@ class ConvNeXt(nn.Module):
         rates = drop_path_rates(self.drop_path_rate, self.depths)
         for i, dim in enumerate(self.dims):
             stage = Stage(dim, rates[i], i > 0, self.norm_eps, self.layer_scale_init,
-                          self.depthwise, self.dtype, name=f"stage{i + 1}")  # fmt: skip
+                          self.depthwise, self.dtype, self.remat, name=f"stage{i + 1}")  # fmt: skip
             x = stage(x, train=train)
         return _layer_norm(self.head_norm_eps, "norm")(jnp.mean(x, axis=(1, 2)))
 
@@ -294,7 +296,9 @@ def _layer_of(name: str, *, depths) -> int:
     return position(name, depths=depths)[1]
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("convnext", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
@@ -302,7 +306,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
     return common.ModelSpec(
         name=name,
         family="convnext",
-        module=common.Classifier(backbone=ConvNeXt(**arch, dtype=dtype), head=head),
+        module=common.Classifier(backbone=ConvNeXt(**arch, dtype=dtype, remat=remat), head=head),
         preprocessing=pp.imagenet(RESOLUTION.get(name, 224)),
         n_stages=len(depths) + 1,
         stage_of=functools.partial(_stage_of, depths=depths),

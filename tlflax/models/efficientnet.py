@@ -201,7 +201,7 @@ class Stage(nn.Module):
     def __call__(self, x, *, train: bool, bn_train: bool):
         for j, (spec, rate) in enumerate(zip(self.blocks, self.drop_connects, strict=True)):
             block = MBConv(spec, self.opts, self.se_ratio, rate, name=f"block{j + 1}")
-            x = block(x, train=train, bn_train=bn_train)
+            x = layers.block_call(block, x, remat=self.opts.remat, train=train, bn_train=bn_train)
         return x
 
 
@@ -231,7 +231,9 @@ class EfficientNet(nn.Module):
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: VARIANTS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("efficientnet", overrides, DEFAULTS)
     variant, resolution, classifier_dropout, crop_pct = VARIANTS[name]
@@ -248,7 +250,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
         head_width=head_width,
         se_ratio=arch["se_ratio"],
         drop_connect_rate=arch["drop_connect_rate"],
-        opts=LayerOptions.of(arch, dtype),
+        opts=LayerOptions.of(arch, dtype, remat),
     )
     return common.ModelSpec(
         name=name,

@@ -166,11 +166,13 @@ class LayerOptions(NamedTuple):
     padding: str = "same"
     depthwise: str = "auto"
     dtype: Any = jnp.float32
+    remat: bool = False  # blocks recomputed in the backward pass (layers.block_call)
 
     @classmethod
-    def of(cls, arch: dict, dtype: Any) -> LayerOptions:
+    def of(cls, arch: dict, dtype: Any, remat: bool = False) -> LayerOptions:
         """The options of a validated arch (bn_eps, bn_momentum, padding, depthwise)."""
-        return cls(arch["bn_eps"], arch["bn_momentum"], arch["padding"], arch["depthwise"], dtype)
+        a = arch
+        return cls(a["bn_eps"], a["bn_momentum"], a["padding"], a["depthwise"], dtype, remat)
 
     def norm(self, *, bn_train: bool, name: str) -> nn.BatchNorm:
         # Two-pass variance: E[x^2] - E[x]^2 doubled the error of bn_train=True against
@@ -238,7 +240,7 @@ class Stage(nn.Module):
     def __call__(self, x, *, train: bool, bn_train: bool):
         for j, (spec, rate) in enumerate(zip(self.blocks, self.drop_connects, strict=True)):
             block = MBConv(spec, self.opts, rate, name=f"block{j + 1}")
-            x = block(x, train=train, bn_train=bn_train)
+            x = layers.block_call(block, x, remat=self.opts.remat, train=train, bn_train=bn_train)
         return x
 
 
@@ -380,7 +382,9 @@ def depth_maps(repeats: tuple[int, ...], *, family: str) -> dict:
     }
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("efficientnet_lite", overrides, DEFAULTS)
     arch = validated({**DEFAULTS, **ARCHS[name], **overrides})
@@ -391,7 +395,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
         stem_width=arch["stem_width"],
         head_width=arch["head_width"],
         drop_connect_rate=arch["drop_connect_rate"],
-        opts=LayerOptions.of(arch, dtype),
+        opts=LayerOptions.of(arch, dtype, remat),
     )
     _, _, resolution, classifier_dropout = VARIANTS[name]
     return common.ModelSpec(

@@ -334,3 +334,24 @@ def drop_path(y, *, rate: float, rng: jax.Array):
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
     return jnp.where(mask, y / keep, jnp.zeros_like(y)).astype(y.dtype)
+
+
+def block_call(block: nn.Module, x, *, remat: bool, **flags):
+    """block(x, **flags); with `remat`, under nn.remat (jax.checkpoint): the backward pass
+    recomputes the block's activations from its input instead of keeping them, so a full
+    fine-tuning step holds one block's activations at a time plus each block's input, for
+    one more forward pass of compute (model.remat). The flags (train, bn_train) are static.
+    Parameters, statistics and random streams are the block's own either way."""
+    if not remat:
+        return block(x, **flags)
+    names = tuple(sorted(flags))
+    return _rematted(names)(block, tuple(flags[n] for n in names), x)
+
+
+@functools.cache
+def _rematted(names: tuple[str, ...]):
+    def call(block, flags, x):
+        return block(x, **dict(zip(names, flags, strict=True)))
+
+    # static_argnums counts the module as argument 0 (flax's function form)
+    return nn.remat(call, static_argnums=(1,))

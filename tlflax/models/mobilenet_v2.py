@@ -169,7 +169,9 @@ def _validated(arch: dict) -> dict:
     return {**arch, **ints, **{k: float(arch[k]) for k in floats}, "stages": stages}
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("mobilenet_v2", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
@@ -181,7 +183,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
         stem_width=stem_width,
         head_width=head_width,
         drop_connect_rate=arch["drop_path_rate"],
-        opts=LayerOptions.of(arch, dtype),
+        opts=LayerOptions.of(arch, dtype, remat),
     )
     _, resolution, interpolation, classifier_dropout = VARIANTS[name]
     return common.ModelSpec(

@@ -166,6 +166,7 @@ class Stage(nn.Module):
     drop_paths: tuple[float, ...]
     zero_init_last: bool = True
     dtype: Any = jnp.float32
+    remat: bool = False  # blocks recomputed in the backward pass (layers.block_call)
 
     @nn.compact
     def __call__(self, x, *, train: bool, bn_train: bool):
@@ -180,7 +181,7 @@ class Stage(nn.Module):
                 dtype=self.dtype,
                 name=f"block{j + 1}",
             )
-            x = block(x, train=train, bn_train=bn_train)
+            x = layers.block_call(block, x, remat=self.remat, train=train, bn_train=bn_train)
         return x
 
 
@@ -195,6 +196,7 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0
     zero_init_last: bool = True
     dtype: Any = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
@@ -213,6 +215,7 @@ class ResNet(nn.Module):
                 drop_paths=rates[i],
                 zero_init_last=self.zero_init_last,
                 dtype=self.dtype,
+                remat=self.remat,
                 name=f"stage{i + 1}",
             )
             x = stage(x, train=train, bn_train=bn_train)
@@ -291,12 +294,14 @@ def _layer_of(name: str, *, depths) -> int:
     return position(name, depths=depths)[1]
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("resnet", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
     depths = arch["depths"]
-    backbone = ResNet(**arch, dtype=dtype)
+    backbone = ResNet(**arch, dtype=dtype, remat=remat)
     return common.ModelSpec(
         name=name,
         family="resnet",

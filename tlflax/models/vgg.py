@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from tlflax import preprocessing as pp
 from tlflax.errors import ConfigError
-from tlflax.models import common
+from tlflax.models import common, layers
 
 POOLINGS = ("classifier", "flatten", "avg")
 DEFAULTS = {
@@ -108,14 +108,14 @@ class VGG(nn.Module):
     dropout: float = 0.5
     fc_width: int = 4096
     dtype: Any = jnp.float32
+    remat: bool = False  # stages recomputed in the backward pass (layers.block_call)
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
         x = x.astype(self.dtype)
         for i, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True), 1):
-            x = Stage(depth, width, self.batch_norm, self.dtype, name=f"stage{i}")(
-                x, bn_train=bn_train
-            )
+            stage = Stage(depth, width, self.batch_norm, self.dtype, name=f"stage{i}")
+            x = layers.block_call(stage, x, remat=self.remat, bn_train=bn_train)
         x = x.astype(jnp.float32)
         if self.pooling == "avg":
             return jnp.mean(x, axis=(1, 2))
@@ -186,7 +186,9 @@ def feature_dim(arch: dict, resolution: int) -> int:
     return side * side * arch["widths"][-1]
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("vgg", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
@@ -195,7 +197,7 @@ def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) 
     return common.ModelSpec(
         name=name,
         family="vgg",
-        module=common.Classifier(backbone=VGG(**arch, dtype=dtype), head=head),
+        module=common.Classifier(backbone=VGG(**arch, dtype=dtype, remat=remat), head=head),
         preprocessing=pp.imagenet(224),
         n_stages=len(arch["depths"]) + int(fc),
         stage_of=lambda n: where(n)[0],

@@ -42,7 +42,7 @@ import numpy as np
 
 from tlflax import preprocessing as pp
 from tlflax.errors import ConfigError
-from tlflax.models import common
+from tlflax.models import common, layers
 
 POOLS = ("cls", "gap")
 GAP_NORMS = ("tokens", "pooled")
@@ -198,6 +198,7 @@ class VisionTransformer(nn.Module):
     representation_size: int = 0
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
+    remat: bool = False  # blocks recomputed in the backward pass (layers.block_call)
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
@@ -205,8 +206,9 @@ class VisionTransformer(nn.Module):
         x = Embed(self.patch, self.width, self.class_token, self.dtype, name="embed")(x)
         for i in range(self.depth):
             rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-            x = Block(self.heads, self.mlp_dim, self.norm_eps, self.qkv_bias, rate, self.dtype,
-                      name=f"block{i}")(x, train=train)  # fmt: skip
+            block = Block(self.heads, self.mlp_dim, self.norm_eps, self.qkv_bias, rate,
+                          self.dtype, name=f"block{i}")  # fmt: skip
+            x = layers.block_call(block, x, remat=self.remat, train=train)
         x = self._pool(x)
         if self.representation_size:
             dense = nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")
@@ -306,11 +308,13 @@ def layer_of(name: str, *, depth: int) -> int:
     )
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("vit", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
-    backbone = VisionTransformer(**arch, dtype=dtype)
+    backbone = VisionTransformer(**arch, dtype=dtype, remat=remat)
     depth = arch["depth"]
     position = functools.partial(layer_of, depth=depth)
     return common.ModelSpec(

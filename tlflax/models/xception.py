@@ -86,6 +86,7 @@ class LayerOptions(NamedTuple):
     pool_padding: str = "same"
     depthwise: str = "auto"
     dtype: Any = jnp.float32
+    remat: bool = False  # blocks recomputed in the backward pass (layers.block_call)
 
     def norm(self, *, bn_train: bool, name: str) -> nn.BatchNorm:
         return nn.BatchNorm(
@@ -188,15 +189,16 @@ class Xception(nn.Module):
                 f"valid convs need >= {MIN_SIZE} px a side (data.image_size; Keras asks >= 71)"
             )
         o, w = self.opts, self.widths
-        x = Stem(w[:2], o, name="block1")(x.astype(o.dtype), bn_train=bn_train)
+        call = functools.partial(layers.block_call, remat=o.remat, bn_train=bn_train)
+        x = call(Stem(w[:2], o, name="block1"), x.astype(o.dtype))
         for b, width in enumerate(w[2:5], 2):
             block = Block((width, width), o, first_relu=b > 2, downsample=True, name=f"block{b}")
-            x = block(x, bn_train=bn_train)
+            x = call(block, x)
         for b in range(5, 5 + self.middle_blocks):
-            x = Block((w[4],) * 3, o, name=f"block{b}")(x, bn_train=bn_train)
+            x = call(Block((w[4],) * 3, o, name=f"block{b}"), x)
         b = 5 + self.middle_blocks
-        x = Block((w[4], w[5]), o, downsample=True, name=f"block{b}")(x, bn_train=bn_train)
-        x = FinalBlock(w[6:8], o, name=f"block{b + 1}")(x, bn_train=bn_train)
+        x = call(Block((w[4], w[5]), o, downsample=True, name=f"block{b}"), x)
+        x = call(FinalBlock(w[6:8], o, name=f"block{b + 1}"), x)
         return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
@@ -273,12 +275,14 @@ def _validated(arch: dict) -> dict:
             "bn_momentum": float(arch["bn_momentum"])}  # fmt: skip
 
 
-def build(name: str, *, head: nn.Module, dtype: Any = jnp.float32, **overrides) -> common.ModelSpec:
+def build(
+    name: str, *, head: nn.Module, dtype: Any = jnp.float32, remat: bool = False, **overrides
+) -> common.ModelSpec:
     """The registered builder: ARCHS[name] with `overrides` (see the module docstring)."""
     common.check_overrides("xception", overrides, DEFAULTS)
     arch = _validated({**DEFAULTS, **ARCHS[name], **overrides})
     opts = LayerOptions(
-        arch["bn_eps"], arch["bn_momentum"], arch["pool_padding"], arch["depthwise"], dtype
+        arch["bn_eps"], arch["bn_momentum"], arch["pool_padding"], arch["depthwise"], dtype, remat
     )
     backbone = Xception(arch["widths"], arch["middle_blocks"], opts)
     table = module_depths(arch["middle_blocks"])
