@@ -46,6 +46,42 @@ def blank(spec, size: int | None = None) -> dict:
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes(spec, size))
 
 
+def perturbed(variables, *, seed: int = 0):
+    """`variables` (numpy) with BatchNorm statistics and affine away from 0 / 1 and a
+    non-zero head, so that every gradient moves and a mistake in any of them shows."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, v):
+        key = jax.tree_util.keystr(path)
+        if key.endswith("['var']") or key.endswith("['scale']"):
+            return rng.uniform(0.5, 2, v.shape).astype(np.float32)
+        if key.endswith("['mean']") or key.endswith("['bias']") or "'head'" in key:
+            return rng.normal(0, 0.3, v.shape).astype(np.float32)
+        return np.asarray(v)
+
+    return jax.tree_util.tree_map_with_path(perturb, variables)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_usage_errors(parse_args, argvs) -> None:
+    """Each argv makes parse_args exit with argparse's usage status, 2."""
+    for argv in argvs:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2, argv
+
+
 def assert_misfits_named(load, state: dict, *, missing: str, unexpected: dict, misshapen: dict):
     """load(state) without the key `missing`, with the `unexpected` keys added, and with the
     `misshapen` arrays in place: each fails, saying which of the three it is."""

@@ -1,19 +1,14 @@
 """benchmarks/fold_bn.py: the three frozen-BatchNorm forms run the trainer's steps, agree,
 and are timed and sized; the switch is restored."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import refs
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("fold_bn", ROOT / "benchmarks/fold_bn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return refs.load_benchmark("fold_bn")
 
 
 def test_tiny_run_times_three_forms_that_agree(capsys):
@@ -35,13 +30,6 @@ def test_tiny_run_times_three_forms_that_agree(capsys):
 
 
 def test_bad_arguments_exit_with_usage():
-    bench = _benchmark()
     bad = (["--models", "lite0@x"], ["--models", "lite0:8/16"], ["--kinds", "train"],
            ["--iters", "0"])  # fmt: skip
-    for argv in bad:
-        try:
-            bench.parse_args(argv)
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError(f"{argv} was accepted")
+    refs.assert_usage_errors(_benchmark().parse_args, bad)

@@ -1,23 +1,14 @@
 """benchmarks/remat.py: the trainer's steps with model.remat off and on, the same loss,
 timed and sized."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("remat", ROOT / "benchmarks/remat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import refs
 
 
 def test_tiny_run_compares_remat_off_and_on(capsys):
-    bench = _benchmark()
+    bench = refs.load_benchmark("remat")
     bench.main(["--models", "efficientnet_lite_tiny@32:4", "--kinds", "full", "--iters", "1"])
     out = capsys.readouterr().out
     rows = json.loads(out.split("RESULT ", 1)[1])["rows"]
@@ -29,11 +20,6 @@ def test_tiny_run_compares_remat_off_and_on(capsys):
 
 
 def test_bad_arguments_exit_with_usage():
-    bench = _benchmark()
-    for argv in (["--kinds", "eval"], ["--models", "lite0@x"], ["--iters", "0"]):
-        try:
-            bench.parse_args(argv)
-        except SystemExit as e:
-            assert e.code == 2
-        else:
-            raise AssertionError(f"{argv} was accepted")
+    bench = refs.load_benchmark("remat")
+    argvs = (["--kinds", "eval"], ["--models", "lite0@x"], ["--iters", "0"])
+    refs.assert_usage_errors(bench.parse_args, argvs)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import refs
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tlflax.models import layers
@@ -249,18 +250,9 @@ def test_families_scaled_is_the_same_network(name, monkeypatch):
 
     spec = common.create_model(name, num_classes=3)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-    rng = np.random.default_rng(0)
-
-    def perturb(path, v):  # statistics and BatchNorm affine away from 0 / 1
-        key = jax.tree_util.keystr(path)
-        if key.endswith("['var']") or key.endswith("['scale']"):
-            return rng.uniform(0.5, 2, v.shape).astype(np.float32)
-        if key.endswith("['mean']") or key.endswith("['bias']") or "'head'" in key:
-            return rng.normal(0, 0.3, v.shape).astype(np.float32)
-        return np.asarray(v)
 
     _frozen_bn(monkeypatch, "batchnorm")
-    base = jax.tree_util.tree_map_with_path(perturb, spec.init(jax.random.key(0), 32))
+    base = refs.perturbed(spec.init(jax.random.key(0), 32))
 
     def loss(params):
         logits = spec.module.apply({"params": params, "batch_stats": base["batch_stats"]}, x)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import refs
 
 from tlflax import config_lib, experiment
 from tlflax.models import create_model
@@ -21,21 +22,6 @@ FAMILIES = {
     "xception_tiny": (32, {}),
     "vgg_tiny": (32, {"pooling": "avg"}),
 }
-
-
-def _perturbed(variables):
-    """Statistics and BatchNorm affine away from 0 / 1, heads non-zero: every gradient moves."""
-    rng = np.random.default_rng(0)
-
-    def perturb(path, v):
-        key = jax.tree_util.keystr(path)
-        if key.endswith("['var']") or key.endswith("['scale']"):
-            return rng.uniform(0.5, 2, v.shape).astype(np.float32)
-        if key.endswith("['mean']") or key.endswith("['bias']") or "'head'" in key:
-            return rng.normal(0, 0.3, v.shape).astype(np.float32)
-        return np.asarray(v)
-
-    return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
 def _loss_fn(spec, variables, x, *, bn_train: bool):
@@ -67,7 +53,7 @@ def test_remat_is_the_same_network(name, bn_train):
     size, overrides = FAMILIES[name]
     x = jax.random.normal(jax.random.key(1), (4, size, size, 3))  # batch 2: ill-conditioned
     specs = {r: create_model(name, num_classes=3, remat=r, **overrides) for r in (False, True)}
-    base = _perturbed(specs[False].init(jax.random.key(0), size))
+    base = refs.perturbed(specs[False].init(jax.random.key(0), size))
     fresh = jax.eval_shape(lambda: specs[True].init(jax.random.key(0), size))
     assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(base)
     results, barriers = {}, {}
