@@ -664,9 +664,9 @@ def _save(loop: Loop, step: int, st, val: Scores | None, *, phase) -> None:
 
 def _state_is_finite(trees) -> bool:
     """Every float leaf finite. Arrays in this process's CPU memory are read in place by
-    numpy: a jitted check compiles once per state structure (each phase's), 1.7-2.5 s on 2
-    cores for Lite0's, longer than the numpy pass. Elsewhere (accelerators, arrays spread
-    over hosts) it runs where the state is."""
+    numpy: the jitted check compiles once per state structure (each phase's): 2.2 s on 2
+    cores for Lite0's 448 leaves with Adam, then 6 ms, as long as the numpy pass. Elsewhere
+    (accelerators, arrays spread over hosts) it runs where the state is."""
     leaves = [x for x in jax.tree_util.tree_leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if all(_in_host_memory(x) for x in leaves):
         return all(bool(np.isfinite(np.asarray(x)).all()) for x in leaves)

@@ -339,8 +339,9 @@ def drop_path(y, *, rate: float, rng: jax.Array):
 def block_call(block: nn.Module, x, *, remat: bool, **flags):
     """block(x, **flags); with `remat`, under nn.remat (jax.checkpoint): the backward pass
     recomputes the block's activations from its input instead of keeping them, so a full
-    fine-tuning step holds one block's activations at a time plus each block's input, for
-    one more forward pass of compute (model.remat). The flags (train, bn_train) are static.
+    fine-tuning step can hold one block's activations at a time plus each block's input,
+    for one more forward pass of compute (model.remat). XLA's CPU compiler keeps the
+    activations all the same (benchmarks/remat.py). The flags (train, bn_train) are static.
     Parameters, statistics and random streams are the block's own either way."""
     if not remat:
         return block(x, **flags)
