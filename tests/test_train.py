@@ -678,14 +678,23 @@ def _losses(workdir) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
+@pytest.mark.parametrize("probe", ["in_loop", "cached"])
 def test_the_next_phases_step_compiles_in_the_background_to_the_same_run(
-    tmp_path, monkeypatch, caplog
+    probe, tmp_path, monkeypatch, caplog
 ):
-    """two_phase: the fine-tuning step compiles while the probe trains and is the one the
-    fine-tuning phase runs; the run is the one it is without compiling ahead, bitwise."""
+    """two_phase: the fine-tuning step compiles while the probe trains (on images, or on
+    cached features: the image batch's shapes then come from the train split) and is the
+    one the fine-tuning phase runs; the run is the one it is without compiling ahead,
+    bitwise."""
     import logging
 
     caplog.set_level(logging.INFO, logger="tlflax")
+
+    def config():
+        c = _tiny_config()
+        c.optim.probe = probe
+        return c
+
     compiled = []
     step_ahead = train._StepAhead.__call__
 
@@ -695,15 +704,26 @@ def test_the_next_phases_step_compiles_in_the_background_to_the_same_run(
         return out
 
     monkeypatch.setattr(train._StepAhead, "__call__", spy)
-    ahead = train.train_and_evaluate(_tiny_config(), tmp_path / "ahead")
+    ahead = train.train_and_evaluate(config(), tmp_path / "ahead")
     assert "phase finetune: its step compiled in the background" in caplog.text
     assert compiled == [True] * 4  # the 4 fine-tuning steps, all on the compiled-ahead step
 
     monkeypatch.setattr(train, "_compiles_ahead", lambda *args: False)
-    plain = train.train_and_evaluate(_tiny_config(), tmp_path / "plain")
+    plain = train.train_and_evaluate(config(), tmp_path / "plain")
     assert len(compiled) == 4  # no _StepAhead without a step compiled ahead
     assert _losses(tmp_path / "ahead") == _losses(tmp_path / "plain")
     assert ahead["final"] == plain["final"]
+
+
+def test_no_image_batch_is_read_ahead_from_a_streaming_split():
+    """A split that streams opens one pipeline per run: the fine-tuning step is then not
+    compiled ahead of a cached probe (no spec), rather than opening it to look."""
+    import types
+
+    run = types.SimpleNamespace(datasets=types.SimpleNamespace(train=types.SimpleNamespace(
+        train_stream=lambda **kw: (_ for _ in ()).throw(AssertionError("opened"))
+    )))  # fmt: skip
+    assert train._image_batch_spec(run) is None
 
 
 def test_a_run_with_model_remat_trains_the_same(tmp_path, caplog):

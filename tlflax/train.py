@@ -473,7 +473,9 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int, after=None):
         batch = next(batches)
         st, metrics = train_step(st, batch)
         if step == start_step + 1 and _compiles_ahead(phase, after, step):
-            loop.ahead[after.name] = _compile_ahead(loop, after, batch)
+            spec = _batch_spec(batch) if phase.kind == "train" else _image_batch_spec(loop.run)
+            if spec is not None:
+                loop.ahead[after.name] = _compile_ahead(loop, after, spec)
         pending.append(metrics)
         due = loop.every.due(step, phase_end=step == phase.end_step, kind=phase.kind)
         if due.log:
@@ -497,22 +499,46 @@ def run_phase(loop: Loop, phase, st, shardings, *, start_step: int, after=None):
 
 
 def _compiles_ahead(phase, after, step: int) -> bool:
-    """The next phase's step compiles while this one trains when both read images (the
-    batch's shapes and shardings are this phase's) and this phase has steps left to hide
-    the compilation behind."""
-    return after is not None and phase.kind == after.kind == "train" and step < phase.end_step
+    """The next phase's step compiles while this one trains when the next one reads images
+    and this phase has steps left to hide the compilation behind: after a phase that reads
+    images too (the batch's shapes and shardings are this phase's), or after a cached
+    probe (its head steps leave the cores to the compiler)."""
+    return (
+        after is not None
+        and after.kind == "train"
+        and phase.kind in ("train", "cached_probe")
+        and step < phase.end_step
+    )
 
 
-def _compile_ahead(loop: Loop, phase, batch) -> futures.Future:
+def _batch_spec(batch):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch
+    )
+
+
+def _image_batch_spec(run: Run):
+    """What a train batch of images will be on the device (global shapes, dtypes, the
+    batch sharding), from this process's first host batch of the train split; None for a
+    split that streams (one pipeline per run: not opened only to be looked at)."""
+    split = run.datasets.train
+    if getattr(split, "train_stream", None) is not None:
+        return None
+    host = next(iter(train_batches(split, run, start_step=0)))
+    batch_sh, n = sharding.batch_sharding(run.mesh), jax.process_count()
+    return jax.tree_util.tree_map(
+        lambda v: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype, sharding=batch_sh),
+        host,
+    )
+
+
+def _compile_ahead(loop: Loop, phase, spec) -> futures.Future:
     """The train step of `phase` lowered and compiled by XLA in a background thread (a
     fine-tuning step takes 10-25 s to compile on 2 CPU cores, minutes for large models on
     accelerators): (compiled step, the state shardings it was compiled for). Compilation is
     host work that runs beside the current phase's steps; a failure only means the phase
     compiles its step when it starts, as without this."""
     done: futures.Future = futures.Future()
-    spec = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), batch
-    )
 
     def work():
         try:
