@@ -37,7 +37,6 @@ import sides  # noqa: E402
 from tlflax.models import layers  # noqa: E402
 
 SIDES = layers.FROZEN_BN_IMPLS
-KINDS = sides.KINDS
 
 
 @contextlib.contextmanager
@@ -56,10 +55,6 @@ def parse_args(argv=None):
 
 def _sides() -> dict:
     return {impl: lambda config, impl=impl: frozen_bn(impl) for impl in SIDES}
-
-
-def run(argv=None) -> dict:
-    return sides.run(parse_args(argv), _sides())
 
 
 def main(argv=None) -> None:

@@ -47,10 +47,6 @@ def _remat(on: bool):
 SIDES = {"off": _remat(False), "on": _remat(True)}
 
 
-def run(argv=None) -> dict:
-    return sides.run(parse_args(argv), SIDES)
-
-
 def main(argv=None) -> None:
     sides.main(parse_args(argv), SIDES)
 
