@@ -4,14 +4,16 @@ benchmarks/fold_bn.py (frozen BatchNorm forms) and benchmarks/remat.py (model.re
 A side is a name and a function config -> context manager: it may change the config (a
 fresh one per side) and the context holds whatever switch the side needs while the step is
 built and compiled. Per model, step kind and side, one after the other: compile time, the
-median step time of --iters steps after one warm-up, XLA's step memory, and the first
-value (train: the first step's mean loss; eval: the batch's), against the first side's.
+median step time of --iters steps after one warm-up (and their CPU time and page faults),
+XLA's step memory, and the first value (train: the first step's mean loss; eval: the
+batch's), against the first side's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,22 +44,32 @@ def measure(name: str, *, px: int, batch: int, kind: str, side: str, prepare: Si
     out = jax.block_until_ready(compiled(first, device_batch))  # warm-up; eval keeps `first`
     metrics = out if kind == "eval" else out[1]
     value = float(np.mean(jax.device_get(metrics["loss"])))
-    times = []
+    times, usage = [], resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(iters):
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(first if kind == "eval" else out[0], device_batch))
         times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     step_s = float(np.median(times))
     return {
         "model": name, "px": px, "batch": batch, "kind": kind, "side": side,
         "compile_s": compile_s, "step_s": step_s, "img_s": batch / step_s,
         "step_bytes": throughput.step_memory(compiled), "value": value,
+        # per timed step, the whole process: CPU time in the kernel and user space, page faults
+        "sys_s": (after.ru_stime - usage.ru_stime) / iters,
+        "user_s": (after.ru_utime - usage.ru_utime) / iters,
+        "minor_faults": (after.ru_minflt - usage.ru_minflt) / iters,
     }  # fmt: skip
 
 
 def parse_args(argv, *, description: str, kinds: tuple[str, ...] = KINDS,
-               default_kinds: str = "full,eval") -> argparse.Namespace:  # fmt: skip
+               default_kinds: str = "full,eval",
+               extra: Callable[[argparse.ArgumentParser], Any] | None = None,
+               ) -> argparse.Namespace:  # fmt: skip
+    """--models, --kinds, --iters; `extra(parser)` adds a benchmark's own flags."""
     p = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(p)
     p.add_argument(
         "--models",
         default="efficientnet_lite0@224:32,resnet50@224:16",
@@ -78,6 +90,7 @@ def parse_args(argv, *, description: str, kinds: tuple[str, ...] = KINDS,
     args.kind_list = [k for k in args.kinds.split(",") if k]
     if not args.kind_list or set(args.kind_list) - set(kinds) or args.iters < 1:
         p.error(f"--kinds from {kinds}, --iters >= 1")
+    args.error = p.error
     return args
 
 
@@ -97,7 +110,9 @@ def print_table(result: dict) -> None:
     sides = result["env"]["sides"]
     n = len(sides)
     head = ["model", "px", "batch", "step"] + [f"{i} s" for i in sides]
-    head += [f"{i} GiB" for i in sides] + [f"compile s ({' / '.join(sides)})", "loss diff"]
+    both = " / ".join(sides)
+    head += [f"{i} GiB" for i in sides] + [f"compile s ({both})", "loss diff"]
+    head += [f"sys s per step ({both})", f"page faults per step ({both})"]
     print(" | ".join(head))
     rows = result["rows"]
     for i in range(0, len(rows), n):
@@ -109,8 +124,10 @@ def print_table(result: dict) -> None:
                  base else "") for r in group]  # fmt: skip
         diff = max(abs(r["value"] - base["value"]) for r in group)
         compile_s = " / ".join(f"{r['compile_s']:.1f}" for r in group)
+        sys_s = " / ".join(f"{r['sys_s']:.3f}" for r in group)
+        faults = " / ".join(f"{r['minor_faults']:,.0f}" for r in group)
         cells = [base["model"], base["px"], base["batch"], base["kind"], *speed, *mem]
-        print(" | ".join(str(c) for c in [*cells, compile_s, f"{diff:.1e}"]))
+        print(" | ".join(str(c) for c in [*cells, compile_s, f"{diff:.1e}", sys_s, faults]))
 
 
 def main(args: argparse.Namespace, sides: dict[str, Side]) -> dict:

@@ -35,7 +35,9 @@ and tf_efficientnet_lite0 with the same trainable parameters per step kind, chan
 bf16 autocast when the compute is bfloat16, SGD with the same momentum, the same crop /
 flip / normalisation on the device, BatchNorm frozen as tlflax's; torch.compile with
 --torch-compile. The tiny tlflax models have no PyTorch twin: their torch columns stay
-empty.
+empty. This process re-executes itself with glibc's huge-page tunable, as the tlflax command
+does (tlflax/host_malloc.py); the PyTorch child runs without it, as users run PyTorch,
+unless --torch-hugetlb.
 
 --preset cpu: Lite0 (batch 32), ResNet-50 and ViT-B/16 (batch 16) at 224 px, every step
 kind, float32 compute, torch without compile (on the machine's cores), 3 timed steps after
@@ -66,7 +68,7 @@ sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 
-from tlflax import config_lib, data, experiment, sharding, state, train  # noqa: E402
+from tlflax import config_lib, data, experiment, host_malloc, sharding, state, train  # noqa: E402
 
 KINDS = ("full", "last_k", "linear_probe", "eval")
 # tlflax name -> (timm name, parameter-name prefixes of the last stage below the head); the
@@ -108,6 +110,9 @@ def parse_args(argv=None):
         "'a': proportional to the batch")  # fmt: skip
     add("--torch", action=argparse.BooleanOptionalAction, default=True)
     add("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
+    add("--torch-hugetlb", action=argparse.BooleanOptionalAction, default=False,
+        help="the PyTorch child with glibc.malloc.hugetlb=1 as well (default: without, as "
+        "users run PyTorch; tlflax's side has it, as the tlflax command does)")  # fmt: skip
     add(
         "--compute-dtype",
         choices=COMPUTE_DTYPES,
@@ -596,7 +601,8 @@ def run_torch_child(args) -> dict:
            "--kinds", args.kinds, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--num-classes", str(args.num_classes), "--compute-dtype", args.compute_dtype,
            "--torch-compile" if args.torch_compile else "--no-torch-compile"]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the child's JAX must not claim the GPU
+    env = host_malloc.with_tunable(os.environ, args.torch_hugetlb)
+    env["JAX_PLATFORMS"] = "cpu"  # the child's JAX must not claim the GPU
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if not lines:  # a row that failed (exit 1) still leaves the others in RESULT
@@ -697,6 +703,7 @@ def environment(args) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "torch_compile": args.torch_compile if args.torch else None,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # tlflax/host_malloc.py
     }
 
 
@@ -706,10 +713,12 @@ def run(argv=None) -> dict:
     if args.worker == "torch":
         import torch
 
-        return {"rows": torch_rows(args), "torch": torch.__version__}
+        tunables = os.environ.get("GLIBC_TUNABLES")
+        return {"rows": torch_rows(args), "torch": torch.__version__, "glibc_tunables": tunables}
     baseline = run_torch_child(args) if args.torch else {}  # first: see run_torch_child
     rows = merge(tlflax_rows(args), baseline.get("rows", []))
-    env = {**environment(args), "torch": baseline.get("torch")}
+    env = {**environment(args), "torch": baseline.get("torch"),
+           "torch_glibc_tunables": baseline.get("glibc_tunables")}  # fmt: skip
     result = {"env": env, "rows": rows, "targets": check_targets(rows)}
     print(format_table(rows))
     print(f"\ntargets (set for H100/H200 GPUs; this run's device: {result['env']['device']}):")
@@ -722,6 +731,8 @@ def run(argv=None) -> dict:
 
 
 def main() -> int:
+    if "--worker" not in sys.argv:
+        host_malloc.reexec_tuned()  # tlflax's side runs as the tlflax command runs it
     result = run()
     print("RESULT " + json.dumps(result))
     return 1 if any("error" in r for r in result["rows"]) else 0

@@ -23,7 +23,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from tlflax import config_lib
+from tlflax import config_lib, host_malloc
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     from tlflax import errors
     from tlflax import help as help_lib
 
+    if argv is None:  # the `tlflax` command itself, not a call from Python
+        host_malloc.reexec_tuned()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in HELP:
         print(help_lib.usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
