@@ -411,11 +411,6 @@ def _start_distributed(train_config) -> None:
 
 def _open_loop(config, run: Run, ckpt, workdir, *, start_step: int) -> Loop:
     primary = jax.process_index() == 0
-    if config.model.remat and run.mesh.devices.flat[0].platform == "cpu":
-        log.warning(
-            "model.remat: XLA's CPU compiler does not lower the step's memory with it "
-            "(benchmarks/remat.py); it is meant for GPUs and TPUs"
-        )
     return Loop(
         config=config,
         run=run,

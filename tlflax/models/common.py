@@ -135,7 +135,7 @@ def create_model(
     `overrides` change the family's hyperparameters (depth, width, pooling,
     drop rates ...); each family rejects names it does not know. `remat`: every block (a
     VGG's stage) recomputes its activations in the backward pass (layers.block_call):
-    the same numbers and variables; on accelerators, less memory for more compute.
+    the same numbers and variables, less memory for one more forward pass of compute.
     """
     _import_families()
     if name not in _REGISTRY:

@@ -219,8 +219,8 @@ class EfficientNet(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
         o = self.opts
-        stem = ConvBN(self.stem_width, o, name="stem")
-        x = jax.nn.silu(stem(x.astype(o.dtype), bn_train=bn_train))
+        stem = ConvBN(self.stem_width, o, act=jax.nn.silu, name="stem")
+        x = layers.block_call(stem, x.astype(o.dtype), remat=o.remat, bn_train=bn_train)
         rates = drop_connect_rates(self.drop_connect_rate, self.layout)
         for i, (blocks, stage_rates) in enumerate(zip(self.layout, rates, strict=True)):
             x = Stage(blocks, stage_rates, self.se_ratio, o, name=f"stage{i + 1}")(

@@ -193,16 +193,19 @@ class LayerOptions(NamedTuple):
 
 
 class ConvBN(nn.Module):
-    """The stem: a strided 3x3 conv and its BatchNorm (ReLU6 follows in the backbone)."""
+    """The stem: a strided 3x3 conv, its BatchNorm and the activation (one unit for
+    model.remat: the backward pass recomputes it from the image rather than keep its
+    112 x 112 activations)."""
 
     features: int
     opts: LayerOptions
+    act: Any = jax.nn.relu6
 
     @nn.compact
     def __call__(self, x, *, bn_train: bool):
         o = self.opts
         conv = _conv(self.features, 3, stride=2, padding=o.padding, dtype=o.dtype, name="conv")
-        return o.conv_norm(conv, x, bn_train=bn_train, name="bn")
+        return self.act(o.conv_norm(conv, x, bn_train=bn_train, name="bn"))
 
 
 class MBConv(nn.Module):
@@ -257,7 +260,7 @@ class EfficientNetLite(nn.Module):
     def __call__(self, x, *, train: bool = False, bn_train: bool = False):
         o = self.opts
         stem = ConvBN(self.stem_width, o, name="stem")
-        x = jax.nn.relu6(stem(x.astype(o.dtype), bn_train=bn_train))
+        x = layers.block_call(stem, x.astype(o.dtype), remat=o.remat, bn_train=bn_train)
         rates = drop_connect_rates(self.drop_connect_rate, self.layout)
         for i, (blocks, stage_rates) in enumerate(zip(self.layout, rates, strict=True)):
             x = Stage(blocks, stage_rates, o, name=f"stage{i + 1}")(

@@ -4,6 +4,7 @@ are frozen, TF / PyTorch padding rules, stochastic depth."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import lift as nn_lift
+from flax.core import scope as nn_scope
 
 
 class PointwiseConv(nn.Module):
@@ -337,22 +340,116 @@ def drop_path(y, *, rate: float, rng: jax.Array):
 
 
 def block_call(block: nn.Module, x, *, remat: bool, **flags):
-    """block(x, **flags); with `remat`, under nn.remat (jax.checkpoint): the backward pass
-    recomputes the block's activations from its input instead of keeping them, so a full
-    fine-tuning step can hold one block's activations at a time plus each block's input,
-    for one more forward pass of compute (model.remat). XLA's CPU compiler keeps the
-    activations all the same (benchmarks/remat.py). The flags (train, bn_train) are static.
-    Parameters, statistics and random streams are the block's own either way."""
+    """block(x, **flags); with `remat`, the backward pass recomputes the block's activations
+    from its input instead of keeping them, so a full fine-tuning step holds one block's
+    activations at a time plus each block's input, for one more forward pass of compute
+    (model.remat). On accelerators: nn.remat (jax.checkpoint). On the CPU, XLA's pipeline
+    merges jax.checkpoint's recomputation back into the forward pass (its optimisation
+    barriers are expanded before CSE, and its scheduler would run the recomputation early
+    anyway: benchmarks/RESULTS.md), so there the block's backward pass recomputes it from
+    its variables and input passed through a conditional on the incoming gradient
+    (_tied_remat, _after), which XLA can neither merge nor run before that gradient
+    exists. The flags (train, bn_train) are static. Parameters, statistics and random
+    streams are the block's own either way."""
     if not remat:
         return block(x, **flags)
     names = tuple(sorted(flags))
-    return _rematted(names)(block, tuple(flags[n] for n in names), x)
+    tied = jax.default_backend() == "cpu"
+    return _rematted(names, tied)(block, tuple(flags[n] for n in names), x)
 
 
 @functools.cache
-def _rematted(names: tuple[str, ...]):
+def _rematted(names: tuple[str, ...], tied: bool):
     def call(block, flags, x):
         return block(x, **dict(zip(names, flags, strict=True)))
 
+    if tied:
+        return nn.transforms.lift_transform(_tied_remat, call)
     # static_argnums counts the module as argument 0 (flax's function form)
     return nn.remat(call, static_argnums=(1,))
+
+
+def _tied_remat(fn, variables=True, rngs=True):
+    """A lifted transform (flax.core.lift's form, as lift.checkpoint): fn(scope, flags, x)
+    with a custom VJP whose forward keeps the block's variables and input, and whose
+    backward pass recomputes the block and its VJP from them once the incoming gradient
+    exists (_after). The random streams are the lifted rngs, the same in the forward and
+    the recomputation."""
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, flags, x):
+        # flax counts each stream's keys in the scopes' rng_counters, shared with the
+        # caller; the block is traced more than once here (forward, recomputation), so every
+        # trace starts from the counters as they were and the caller's advance once.
+        counters: dict = {}
+
+        def run(groups, x):
+            scopes = scope_fn(groups, rng_groups)
+            found = _scopes(scopes)
+            if "start" not in counters:
+                counters["shared"] = [sc.rng_counters for sc in found]
+                counters["start"] = copy.deepcopy(counters["shared"])
+            for sc, start in zip(found, copy.deepcopy(counters["start"]), strict=True):
+                sc.rng_counters = start
+            y = fn(scopes, flags, x)
+            counters["end"] = [sc.rng_counters for sc in found]
+            return y, repack_fn(scopes)
+
+        @jax.custom_vjp
+        def tied(groups, x):
+            return run(groups, x)
+
+        def tied_fwd(groups, x):
+            return run(groups, x), (groups, x)
+
+        def tied_bwd(res, g):
+            g_y, g_vars = g
+            groups, x = _after(g_y, res)
+            _, vjp = jax.vjp(lambda v, x: run(v, x)[0], groups, x)
+            d_groups, dx = vjp(g_y)
+            # the repacked variables pass through: their cotangents (zeros unless a caller
+            # reads them) add to the inputs'
+            d_groups = _add_where_present(d_groups, g_vars)
+            return d_groups, dx
+
+        tied.defvjp(tied_fwd, tied_bwd)
+        out = tied(variable_groups, x)
+        for shared, end in zip(counters["shared"], counters["end"], strict=True):
+            _assign(shared, end)
+        return out
+
+    return nn_lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
+def _after(g, operands):
+    """`operands`, passed through a conditional on a value of `g`: whatever is computed
+    from them runs after g exists, and XLA cannot merge it with the same computation on
+    the operands themselves. The predicate, (v == v) | (v != v), is true for every float
+    (NaN included), which XLA does not prove: the other branch (zeros) never runs."""
+    v = jnp.ravel(jax.tree_util.tree_leaves(g)[0])[0]
+    return jax.lax.cond((v == v) | (v != v), lambda o: o,
+                        lambda o: jax.tree_util.tree_map(jnp.zeros_like, o), operands)  # fmt: skip
+
+
+def _scopes(tree) -> list:
+    return jax.tree_util.tree_leaves(tree, is_leaf=lambda s: isinstance(s, nn_scope.Scope))
+
+
+def _assign(shared: dict, values: dict) -> None:
+    """shared := values, in place, nested dicts included (scopes hold them by reference)."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _assign(shared.setdefault(key, {}), value)
+        else:
+            shared[key] = value
+
+
+def _add_where_present(tree, extra):
+    """tree + extra where `extra` (a pytree of the same collections, possibly fewer) has
+    the leaf."""
+    if isinstance(tree, dict) and isinstance(extra, dict):
+        return {k: _add_where_present(v, extra[k]) if k in extra else v for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)) and isinstance(extra, (tuple, list)):
+        return type(tree)(_add_where_present(a, b) for a, b in zip(tree, extra, strict=True))
+    if extra is None or not hasattr(extra, "shape") or extra.shape != tree.shape:
+        return tree
+    return tree + extra.astype(tree.dtype)
