@@ -55,7 +55,8 @@ def _model_config() -> ConfigDict:
     c.compute_dtype = "float32"  # 'bfloat16' for mixed precision; parameters stay float32
     # True: each block's activations are recomputed in the backward pass instead of kept
     # (layers.block_call): less memory for one more forward pass of compute (Lite0's full
-    # step on the CPU: 1.44 -> 0.66 GiB, 16 % slower; benchmarks/remat.py). The same numbers.
+    # step on the CPU: 1.44 -> 0.60 GiB at 0.91x the speed; benchmarks/remat.py). The same
+    # numbers.
     c.remat = False
     return c
 
