@@ -83,8 +83,8 @@ def test_remat_is_the_same_network(name, bn_train):
 
 def _recomputation_marks(text: str) -> int:
     """What a recomputing backward pass leaves in the lowered step: jax.checkpoint's
-    optimisation barriers, or on the CPU the conditionals layers._tied_remat runs the
-    recomputation in (the step has no other conditional)."""
+    optimisation barriers, or on the CPU the conditionals (layers._after) that hold each
+    recomputation back until its gradient exists (the step has no other conditional)."""
     if jax.default_backend() == "cpu":
         return text.count("stablehlo.case") + text.count("stablehlo.if")
     return text.count("optimization_barrier")

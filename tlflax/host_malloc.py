@@ -1,12 +1,14 @@
 """Transparent huge pages for the host's large allocations (Linux, glibc >= 2.35).
 
 XLA's CPU runtime allocates each execution's temporary buffer (the activations of a training
-step: 0.4-1.5 GiB) with posix_memalign from a worker thread. glibc serves that with a fresh
-mmap, and the step then faults it in 4 KiB at a time, zeroing every page in the kernel:
+step: 0.3-1.6 GiB for Lite0 and ResNet-50) with posix_memalign from a worker thread. glibc
+serves that with a fresh mmap, and the step then faults it in 4 KiB at a time, zeroing
+every page in the kernel:
 Lite0's full step at 224 px, batch 32, took 386,000 page faults and 0.7 s of system time per
 1.7 s step on 2 cores. With glibc's tunable `glibc.malloc.hugetlb=1`, malloc advises the
-kernel to back such mappings with 2 MiB pages (madvise(MADV_HUGEPAGE)): 2,000 faults, 0.2 s,
-and a 1.13-1.19x faster full step for Lite0 and ResNet-50 (benchmarks/host_malloc.py).
+kernel to back such mappings with 2 MiB pages (madvise(MADV_HUGEPAGE)): 2,400-2,800 faults
+and 0.16 s; Lite0's full and eval steps 1.24-1.36x faster, ResNet-50's full step
+1.07-1.09x (benchmarks/host_malloc.py).
 
 glibc reads its tunables once, when the process starts, so the `tlflax` command sets the
 tunable and re-executes itself (the same process id, arguments and descriptors) before it

@@ -444,12 +444,10 @@ def _assign(shared: dict, values: dict) -> None:
 
 
 def _add_where_present(tree, extra):
-    """tree + extra where `extra` (a pytree of the same collections, possibly fewer) has
-    the leaf."""
-    if isinstance(tree, dict) and isinstance(extra, dict):
+    """tree + extra, where `extra` holds a subset of tree's collections (the mutable ones
+    the block repacks) with the same structure inside each."""
+    if isinstance(tree, dict):
         return {k: _add_where_present(v, extra[k]) if k in extra else v for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)) and isinstance(extra, (tuple, list)):
+    if isinstance(tree, (tuple, list)):
         return type(tree)(_add_where_present(a, b) for a, b in zip(tree, extra, strict=True))
-    if extra is None or not hasattr(extra, "shape") or extra.shape != tree.shape:
-        return tree
     return tree + extra.astype(tree.dtype)
