@@ -735,3 +735,62 @@ def test_imagenet_predictions_kept_from_224_to_384(shared_data):
     kept = float(np.mean(predictions[224] == predictions[384]))
     assert accuracy >= 0.7, f"{source} at 224 px: top-1 {accuracy:.2f} on {len(files)} images"
     assert kept >= 0.7, f"{source}: {kept:.2f} of the 224-px predictions kept at 384 px"
+
+
+def _qkv(shape=(2, 17, 3, 4, 8), dtype=jnp.float32, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype) * 2
+
+
+def _vjp(fn, x, seed=1):
+    out, pullback = jax.vjp(fn, x)
+    cot = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32).astype(out.dtype)
+    return out, pullback(cot)[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 17, 3, 4, 8), (3, 50, 3, 2, 24)])
+def test_heads_attention_matches_jax_forward_and_gradient(shape):
+    """The CPU's attention (vit.heads_attention) against jax.nn.dot_product_attention on the
+    same qkv: outputs and input gradients to float32 rounding, with a large logit range."""
+    qkv = _qkv(shape) * 3
+    ref_out, ref_grad = _vjp(lambda x: vit.attention(x, impl="xla"), qkv)
+    out, grad = _vjp(vit.heads_attention, qkv)
+    assert out.shape == ref_out.shape == shape[:2] + shape[3:]
+    # softmax(q k^T / sqrt(d)) v in float64: heads_attention is no further from it than jax
+    q, k, v = (np.moveaxis(np.asarray(qkv[:, :, i], np.float64), 2, 1) for i in range(3))
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    exact = np.moveaxis((p / p.sum(-1, keepdims=True)) @ v, 1, 2)
+    err, ref_err = np.abs(out - exact).max(), np.abs(ref_out - exact).max()
+    assert err <= 2 * ref_err + 1e-6 and err < 1e-4 * np.abs(exact).max()
+    np.testing.assert_allclose(grad, ref_grad, atol=2e-5 * float(jnp.abs(ref_grad).max()))
+
+
+def test_heads_attention_in_bfloat16_keeps_float32_softmax():
+    qkv = _qkv(dtype=jnp.bfloat16)
+    out = vit.heads_attention(qkv)
+    ref = vit.attention(qkv, impl="xla")
+    exact = vit.heads_attention(qkv.astype(jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    assert float(jnp.abs(out.astype(jnp.float32) - exact).max()) < 0.05
+    assert float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()) < 0.05
+
+
+def test_attention_runs_heads_on_the_cpu_and_jax_elsewhere(monkeypatch):
+    qkv = _qkv()
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_array_equal(vit.attention(qkv), vit.heads_attention(qkv))
+    monkeypatch.setattr(vit.jax, "default_backend", lambda: "gpu")
+    q, k, v = jnp.moveaxis(qkv, 2, 0)
+    np.testing.assert_array_equal(vit.attention(qkv), jax.nn.dot_product_attention(q, k, v))
+
+
+def test_gelu_is_the_exact_gelu_of_jax_and_pytorch():
+    x = jnp.linspace(-12.0, 12.0, 4001, dtype=jnp.float32)
+    out, grad = _vjp(vit.gelu, x)
+    ref_out, ref_grad = _vjp(lambda x: jax.nn.gelu(x, approximate=False), x)
+    np.testing.assert_allclose(out, ref_out, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-5)
+    np.testing.assert_allclose(
+        out, torch.nn.functional.gelu(torch.from_numpy(np.asarray(x))).numpy(), atol=1e-6
+    )
+    assert vit.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

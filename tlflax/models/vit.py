@@ -1,8 +1,8 @@
 """Vision Transformer (ViT) in flax.linen: Google vit_jax / big_vision, timm and HF numerics.
 
-Pre-norm blocks, a fused qkv projection (one matmul), jax.nn.dot_product_attention and
-exact (erf) GELU. `dtype` is the compute dtype of the matmuls; parameters, LayerNorms and
-the residual stream stay float32.
+Pre-norm blocks, a fused qkv projection (one matmul), jax.nn.dot_product_attention (on the
+CPU: heads_attention, the same numbers) and the exact (erf) GELU. `dtype` is the compute
+dtype of the matmuls; parameters, LayerNorms and the residual stream stay float32.
 
 Names: backbone/embed/{patch/{kernel,bias}, cls, pos}, backbone/block{i}/{norm1, attn/qkv,
 attn/out, norm2, mlp/fc1, mlp/fc2} (i from 0), backbone/norm | backbone/fc_norm,
@@ -138,9 +138,43 @@ class Attention(nn.Module):
         # One matmul for q, k and v: [q | k | v] along the output, each head-major (timm's).
         qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=_dense_init,
                        name="qkv")(x)  # fmt: skip
-        q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.heads, d // self.heads), 2, 0)
-        y = jax.nn.dot_product_attention(q, k, v).reshape(b, t, d)
+        y = attention(qkv.reshape(b, t, 3, self.heads, d // self.heads)).reshape(b, t, d)
         return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="out")(y)
+
+
+def attention(qkv, *, impl: str | None = None):
+    """Softmax attention of qkv (batch, tokens, 3, heads, head_dim) -> (batch, tokens,
+    heads, head_dim): softmax(q k^T / sqrt(head_dim)) v per head, logits and softmax in
+    float32 whatever the compute dtype.
+
+    impl 'xla': jax.nn.dot_product_attention (cuDNN's fused kernels where jax finds them);
+    'heads': heads_attention, the CPU's (see there); None: 'heads' when the default backend
+    is the CPU, else 'xla'."""
+    impl = impl or ("heads" if jax.default_backend() == "cpu" else "xla")
+    if impl == "heads":
+        return heads_attention(qkv)
+    q, k, v = jnp.moveaxis(qkv, 2, 0)
+    return jax.nn.dot_product_attention(q, k, v)
+
+
+def heads_attention(qkv):
+    """attention() on the CPU: q, k and v are laid out heads-major (batch, heads, tokens,
+    head_dim) by one transpose, so that each product is a batched matrix product over
+    contiguous rows, and the softmax's division comes after the product with v, on the
+    (tokens, head_dim) output rather than on the (tokens, tokens) probabilities.
+    jax.nn.dot_product_attention on XLA's CPU backend takes 2-3x as long for ViT-B/16's
+    attention (benchmarks/attention.py); the numbers are the same to float32 rounding
+    (tests/test_vit.py checks it against jax.nn.dot_product_attention, forward and
+    gradients)."""
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each (batch, heads, tokens, head_dim)
+    f32 = jnp.promote_types(q.dtype, jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=f32)
+    logits = logits * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), f32)
+    # Shifting by the row maximum changes no value and needs no gradient.
+    e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(v.dtype), v, preferred_element_type=f32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
+    return jnp.transpose(out.astype(v.dtype), (0, 2, 1, 3))
 
 
 class Mlp(nn.Module):
@@ -151,8 +185,15 @@ class Mlp(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)  # PyTorch / HF / timm use the exact (erf) GELU
+        x = gelu(x)
         return nn.Dense(d, dtype=self.dtype, kernel_init=_dense_init, name="fc2")(x)
+
+
+def gelu(x):
+    """The exact GELU, x * Phi(x), written as PyTorch computes it (HF and timm use it):
+    0.5 x (1 + erf(x / sqrt(2))). jax.nn.gelu(approximate=False) writes it with erfc, which
+    XLA's CPU backend computes in three passes over the MLP's activation instead of one."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 class Block(nn.Module):

@@ -1,0 +1,51 @@
+"""benchmarks/attention.py: both ViT forms are timed, agree, and the switch is undone."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("attention", ROOT / "benchmarks/attention.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ops_of_both_forms_agree_and_are_timed():
+    bench = _benchmark()
+    shapes = bench.model_shapes("vit_tiny", px=32, batch=2)
+    assert shapes == {"attention": (2, 17, 3, 4, 8), "gelu": (2, 17, 128)}
+    for op, shape in shapes.items():
+        row = bench.op_row(op, shape, iters=1)
+        assert all(row[f"{s}_{t}_ms"] > 0 for s in bench.SIDES for t in ("fwd", "grad"))
+        assert row["max_diff_out"] < 1e-5 and row["max_diff_grad"] < 1e-5
+
+
+def test_old_forms_are_jax_own_while_they_apply_and_restored_after():
+    bench = _benchmark()
+    vit = bench.vit
+    attention, gelu = vit.attention, vit.gelu
+    x = np.linspace(-3, 3, 7, dtype=np.float32)
+    with bench.forms("old"):
+        assert vit.gelu is bench.erfc_gelu and vit.attention.keywords == {"impl": "xla"}
+    assert (vit.attention, vit.gelu) == (attention, gelu)
+    with bench.forms("new"):
+        assert (vit.attention, vit.gelu) == (attention, gelu)
+    np.testing.assert_allclose(bench.erfc_gelu(x), vit.gelu(x), atol=1e-6)
+
+
+def test_steps_of_both_sides_give_the_same_first_losses(capsys):
+    bench = _benchmark()
+    result = bench.run(
+        ["--model", "vit_tiny", "--px", "32", "--batch", "2", "--kinds", "full", "--steps", "1",
+         "--iters", "1"]
+    )  # fmt: skip
+    old, new = result["steps"]
+    assert (old["side"], new["side"]) == ("old", "new") and new["speedup"] > 0
+    assert new["max_diff_loss"] < 1e-5 and old["step_bytes"] > 0
+    bench.print_tables(result)
+    assert "full | new" in capsys.readouterr().out
