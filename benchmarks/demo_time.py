@@ -8,8 +8,10 @@ checked out once with `git worktree add --detach` under --root (kept for later r
 runs with this checkout's venv (the same jax, flax and data). Each run is the command
 `tlflax train --config configs/demo.py --workdir DIR` as the console script runs it (its
 main() in a fresh process, from the side's own source tree and folder), fresh workdir,
-one after the other: older, this, older, this... Per run: the whole process's wall time,
-the first log line to the end, and the result table it printed, which should agree.
+one after the other: older, this, older, this..., each without a persistent XLA cache
+(TLFLAX_XLA_CACHE=0, JAX_COMPILATION_CACHE_* unset), so that each compiles. Per run: the
+whole process's wall time, the first log line to the end, and the result table it printed,
+which should agree.
 
 Prints a table and one JSON line starting with 'RESULT '.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -72,13 +75,21 @@ def worktree(rev: str, root: pathlib.Path) -> pathlib.Path:
     return tree
 
 
+def fresh_compile_env() -> dict:
+    """This environment without any persistent XLA cache (tlflax's, TLFLAX_XLA_CACHE=0, or
+    jax's own): every run compiles its steps, as on a fresh machine, whichever side."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["TLFLAX_XLA_CACHE"] = "0"
+    return env
+
+
 def run_once(tree: pathlib.Path, workdir: pathlib.Path, args) -> dict:
     shutil.rmtree(workdir, ignore_errors=True)
     code = PROGRAM.format(root=str(tree), config=args.config, workdir=str(workdir),
                           extra=list(args.overrides))  # fmt: skip
     start = time.time()
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True,
-                          text=True, check=False)  # fmt: skip
+                          text=True, check=False, env=fresh_compile_env())  # fmt: skip
     end = time.time()
     log = done.stdout + done.stderr
     workdir.parent.mkdir(parents=True, exist_ok=True)

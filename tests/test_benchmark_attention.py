@@ -1,18 +1,11 @@
 """benchmarks/attention.py: both ViT forms are timed, agree, and the switch is undone."""
 
-import importlib.util
-import pathlib
-
 import numpy as np
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import refs
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("attention", ROOT / "benchmarks/attention.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return refs.load_benchmark("attention")
 
 
 def test_ops_of_both_forms_agree_and_are_timed():

@@ -50,3 +50,13 @@ def test_an_unknown_commit_is_refused(tmp_path):
     bench = refs.load_benchmark("demo_time")
     with pytest.raises(SystemExit, match="not a commit"):
         bench.worktree("no-such-rev-xyz", tmp_path)
+
+
+def test_runs_compile_without_any_persistent_cache(monkeypatch):
+    bench = refs.load_benchmark("demo_time")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/somewhere")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "10")
+    monkeypatch.setenv("TLFLAX_XLA_CACHE", "/elsewhere")
+    env = bench.fresh_compile_env()
+    assert env["TLFLAX_XLA_CACHE"] == "0" and env["PATH"]
+    assert not any(k.startswith("JAX_COMPILATION_CACHE") for k in env)

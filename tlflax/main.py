@@ -23,7 +23,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from tlflax import config_lib, host_malloc
+from tlflax import config_lib, host_malloc, xla_cache
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     from tlflax import errors
     from tlflax import help as help_lib
 
-    if argv is None:  # the `tlflax` command itself, not a call from Python
+    command_line = argv is None  # the `tlflax` command itself, not a call from Python
+    if command_line:
         host_malloc.reexec_tuned()
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in HELP:
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if parsed is None:
         return 2
     config, positional = parsed
+    if command_line:
+        xla_cache.enable()  # before anything compiles
     from tlflax import cli  # heavy imports (jax) only after the flags parse
 
     try:
