@@ -64,6 +64,7 @@ def measure(name: str, *, px: int, batch: int, kind: str, side: str, prepare: Si
 
 def parse_args(argv, *, description: str, kinds: tuple[str, ...] = KINDS,
                default_kinds: str = "full,eval",
+               default_models: str = "efficientnet_lite0@224:32,resnet50@224:16",
                extra: Callable[[argparse.ArgumentParser], Any] | None = None,
                ) -> argparse.Namespace:  # fmt: skip
     """--models, --kinds, --iters; `extra(parser)` adds a benchmark's own flags."""
@@ -72,7 +73,7 @@ def parse_args(argv, *, description: str, kinds: tuple[str, ...] = KINDS,
         extra(p)
     p.add_argument(
         "--models",
-        default="efficientnet_lite0@224:32,resnet50@224:16",
+        default=default_models,
         help="comma-separated name[@px][:batch] (throughput.py's entries; 224 px, batch 32)",
     )
     p.add_argument("--kinds", default=default_kinds, help=f"step kinds, from {','.join(kinds)}")

@@ -23,22 +23,26 @@ def test_old_forms_are_jax_own_while_they_apply_and_restored_after():
     vit = bench.vit
     attention, gelu = vit.attention, vit.gelu
     x = np.linspace(-3, 3, 7, dtype=np.float32)
-    with bench.forms("old"):
+    with bench.SIDES["old"](None):
         assert vit.gelu is bench.erfc_gelu and vit.attention.keywords == {"impl": "xla"}
     assert (vit.attention, vit.gelu) == (attention, gelu)
-    with bench.forms("new"):
+    with bench.SIDES["new"](None):
         assert (vit.attention, vit.gelu) == (attention, gelu)
     np.testing.assert_allclose(bench.erfc_gelu(x), vit.gelu(x), atol=1e-6)
 
 
 def test_steps_of_both_sides_give_the_same_first_losses(capsys):
     bench = _benchmark()
-    result = bench.run(
-        ["--model", "vit_tiny", "--px", "32", "--batch", "2", "--kinds", "full", "--steps", "1",
-         "--iters", "1"]
-    )  # fmt: skip
-    old, new = result["steps"]
-    assert (old["side"], new["side"]) == ("old", "new") and new["speedup"] > 0
-    assert new["max_diff_loss"] < 1e-5 and old["step_bytes"] > 0
+    result = bench.run(["--models", "vit_tiny@32:2", "--kinds", "full", "--iters", "1",
+                        "--op-iters", "1"])  # fmt: skip
+    old, new = result["rows"]
+    assert (old["side"], new["side"]) == ("old", "new") and new["step_s"] > 0
+    assert abs(old["value"] - new["value"]) < 1e-5 and old["step_bytes"] > 0
+    assert [r["op"] for r in result["ops"]] == ["attention", "gelu"]
     bench.print_tables(result)
-    assert "full | new" in capsys.readouterr().out
+    assert "vit_tiny @32 | attention | (2, 17, 3, 4, 8)" in capsys.readouterr().out
+
+
+def test_only_vit_models_are_taken():
+    bench = _benchmark()
+    refs.assert_usage_errors(bench.parse_args, (["--models", "resnet50@224:16"],))

@@ -782,6 +782,8 @@ def test_attention_runs_heads_on_the_cpu_and_jax_elsewhere(monkeypatch):
     monkeypatch.setattr(vit.jax, "default_backend", lambda: "gpu")
     q, k, v = jnp.moveaxis(qkv, 2, 0)
     np.testing.assert_array_equal(vit.attention(qkv), jax.nn.dot_product_attention(q, k, v))
+    with pytest.raises(ValueError, match="'heads', 'xla' or None"):
+        vit.attention(qkv, impl="flash")
 
 
 def test_gelu_is_the_exact_gelu_of_jax_and_pytorch():

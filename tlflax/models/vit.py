@@ -151,6 +151,8 @@ def attention(qkv, *, impl: str | None = None):
     'heads': heads_attention, the CPU's (see there); None: 'heads' when the default backend
     is the CPU, else 'xla'."""
     impl = impl or ("heads" if jax.default_backend() == "cpu" else "xla")
+    if impl not in ("heads", "xla"):
+        raise ValueError(f"attention impl {impl!r}: 'heads', 'xla' or None")
     if impl == "heads":
         return heads_attention(qkv)
     q, k, v = jnp.moveaxis(qkv, 2, 0)
@@ -162,8 +164,9 @@ def heads_attention(qkv):
     head_dim) by one transpose, so that each product is a batched matrix product over
     contiguous rows, and the softmax's division comes after the product with v, on the
     (tokens, head_dim) output rather than on the (tokens, tokens) probabilities.
-    jax.nn.dot_product_attention on XLA's CPU backend takes 2-3x as long for ViT-B/16's
-    attention (benchmarks/attention.py); the numbers are the same to float32 rounding
+    jax.nn.dot_product_attention on XLA's CPU backend takes twice as long for ViT-B/16's
+    attention forward, 1.2x with the gradient (benchmarks/attention.py); the numbers are
+    the same to float32 rounding
     (tests/test_vit.py checks it against jax.nn.dot_product_attention, forward and
     gradients)."""
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # each (batch, heads, tokens, head_dim)
